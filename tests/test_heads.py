@@ -28,8 +28,49 @@ def test_forward_shapes_and_unit_descriptors():
     out = ULDHeads(cfg)(_features())
     assert out.logits.shape == (2, 1, 8, 8) and out.descriptors.shape == (2, 6, 8, 8)
     assert torch.allclose(out.descriptors.norm(dim=1), torch.ones(2, 8, 8), atol=1e-5)
-    w = ULDHeads(cfg).aggregator.mixing_weights()
-    assert w.sum().item() == pytest.approx(1.0) and len(w) == 3
+    agg = ULDHeads(cfg).aggregator
+    w = agg.mixing_weights()
+    # Eq. 2: one weight per (layer, timestep) pair, softmax over the pairs that exist
+    assert w.shape == (2, 2) and w.sum().item() == pytest.approx(1.0)
+    assert agg.layers == ["up0.res0", "up1.res0"] and agg.timesteps == [50, 150]
+    assert w[0, 1].item() == 0.0  # up0.res0 has no t=150 map
+    assert agg.key_weights().tolist() == pytest.approx([1 / 3] * 3)
+
+
+def test_aggregator_shares_one_bottleneck_per_layer_over_timesteps():
+    cfg = ULDHeadsConfig.from_feature_shapes(SHAPES, crop_size=16, channels=8, hidden=8)
+    agg = ULDHeads(cfg).aggregator
+    assert len(agg.bottlenecks) == 2  # two layers, three (layer, timestep) maps
+    torch.manual_seed(0)
+    with torch.no_grad():
+        agg.mixing_logits.copy_(torch.randn(2, 2))
+    f = _features()
+    # Eq. 2 written out, key by key: sum_{l,t} w[l,t] * resize(B_l(r_{l,t}))
+    w = agg.mixing_weights()
+    ref = 0
+    for key in SHAPES:
+        layer, t = key.split("@t")
+        li, ti = agg.layers.index(layer), agg.timesteps.index(int(t))
+        y = agg.bottlenecks[li](f[key])
+        ref = ref + w[li, ti] * torch.nn.functional.interpolate(y, size=(8, 8), mode="bilinear", align_corners=False)
+    assert torch.allclose(agg(f), ref, atol=1e-5)
+    # the same for the ResNet bottleneck (no mixing-before-bottleneck shortcut there)
+    cfg_r = ULDHeadsConfig.from_feature_shapes(SHAPES, crop_size=16, channels=8, hidden=8, bottleneck="resnet")
+    agg_r = ULDHeads(cfg_r).aggregator.eval()
+    w = agg_r.mixing_weights()
+    ref = 0
+    for key in SHAPES:
+        layer, t = key.split("@t")
+        li, ti = agg_r.layers.index(layer), agg_r.timesteps.index(int(t))
+        y = agg_r.bottlenecks[li](f[key])
+        ref = ref + w[li, ti] * torch.nn.functional.interpolate(y, size=(8, 8), mode="bilinear", align_corners=False)
+    assert torch.allclose(agg_r(f), ref, atol=1e-5)
+
+
+def test_aggregator_refuses_a_layer_with_different_channels_per_timestep():
+    shapes = {"a@t50": (8, 4, 4), "a@t150": (6, 4, 4)}
+    with pytest.raises(ConfigError, match="one bottleneck per layer"):
+        ULDHeads(ULDHeadsConfig.from_feature_shapes(shapes, crop_size=16, channels=8, hidden=8))
 
 
 def test_missing_feature_is_an_actionable_error():
@@ -46,7 +87,7 @@ def test_save_load_round_trip(tmp_path, bottleneck):
     torch.manual_seed(1)
     model = ULDHeads(cfg)
     with torch.no_grad():
-        model.aggregator.mixing_logits.copy_(torch.tensor([0.3, -0.2, 1.0]))
+        model.aggregator.mixing_logits.copy_(torch.tensor([[0.3, -0.2], [1.0, 0.5]]))
     model.save_pretrained(tmp_path / "ckpt")
     loaded = ULDHeads.from_pretrained(tmp_path / "ckpt")
     assert loaded.config == cfg
