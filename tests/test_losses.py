@@ -30,19 +30,35 @@ def test_contrastive_zero_when_clusters_separated_beyond_margin():
 def test_contrastive_positive_when_clusters_too_close_or_spread():
     labels = torch.tensor([0, 0, 1, 1])
     close = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.5, 0.0], [0.5, 0.0]])
-    # only the hinge is active: every cross pair is 0.5 apart -> max(0, 0.8 - 0.5) = 0.3
-    assert contrastive_loss(close, labels, margin=0.8).item() == pytest.approx(0.3, abs=1e-5)
+    # only the squared hinge is active: 4 of the 6 pairs are cross pairs 0.5 apart -> 4 * 0.3^2 / 6
+    assert contrastive_loss(close, labels, margin=0.8).item() == pytest.approx(4 * 0.3**2 / 6, abs=1e-6)
     spread = torch.tensor([[0.0, 0.0], [0.0, 0.6], [3.0, 0.0], [3.0, 0.6]])
-    # only the pull is active: both same-label pairs are 0.6 apart
-    assert contrastive_loss(spread, labels, margin=0.8).item() == pytest.approx(0.6, abs=1e-5)
+    # only the pull is active: both same-label pairs are 0.6 apart -> 2 * 0.6^2 / 6
+    assert contrastive_loss(spread, labels, margin=0.8).item() == pytest.approx(2 * 0.36 / 6, abs=1e-6)
+
+
+def test_contrastive_is_mallis_form_squared_and_averaged_over_all_pairs():
+    # Mallis et al.: (sum_pos d^2 + sum_neg max(0, m - d)^2) / (n_pos + n_neg)
+    a, b, c = [0.0, 0.0], [0.5, 0.0], [0.0, 0.4]
+    loss = contrastive_loss(torch.tensor([a, b, c]), torch.tensor([0, 0, 1]), margin=0.8).item()
+    d_bc = math.sqrt(0.5**2 + 0.4**2)
+    expected = (0.5**2 + (0.8 - 0.4) ** 2 + (0.8 - d_bc) ** 2) / 3
+    assert loss == pytest.approx(expected, abs=1e-6)
+    # neither the unsquared form nor two separate means give this value
+    assert abs(loss - (0.5 + ((0.8 - 0.4) + (0.8 - d_bc)) / 2)) > 0.1
+    assert abs(loss - (0.25 + ((0.8 - 0.4) ** 2 + (0.8 - d_bc) ** 2) / 2)) > 0.05
 
 
 def test_contrastive_ignores_negative_labels_and_has_gradients():
     desc = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0]], requires_grad=True)
     loss = contrastive_loss(desc, torch.tensor([0, 1, -1]), margin=0.8)
-    assert loss.item() == pytest.approx(0.7, abs=1e-5)
+    assert loss.item() == pytest.approx(0.7**2, abs=1e-5)
     loss.backward()
     assert desc.grad[2].abs().sum() == 0 and desc.grad[0].abs().sum() > 0
+    # coincident descriptors of different labels: a finite gradient, no NaN from sqrt(0)
+    same = torch.zeros(2, 3, requires_grad=True)
+    contrastive_loss(same, torch.tensor([0, 1])).backward()
+    assert torch.isfinite(same.grad).all()
 
 
 def _one_hot_desc(R: int) -> torch.Tensor:

@@ -15,9 +15,11 @@ Self-training (pseudo-labels from clustering):
 
 * :func:`heatmap_targets` + :func:`mse_heatmap_loss` -- detector MSE to a map of
   Gaussians at the kept pseudo-label keypoints.
-* :func:`contrastive_loss` -- descriptors of the same cluster pulled together
-  (mean distance), of different clusters pushed beyond the margin ``m``
-  (mean ``max(0, m - d)``), as in paper Eq. 3 / Mallis et al.
+* :func:`contrastive_loss` -- descriptors of the same cluster pulled together,
+  of different clusters pushed beyond the margin ``m = 0.8`` (paper 001, Sec 4
+  "Training details"), in the form of Mallis et al. [32] that Sec 3.2 cites:
+  squared distance for positives, squared hinge ``max(0, m - d)^2`` for
+  negatives, one average over all pairs (see the function).
 """
 
 from __future__ import annotations
@@ -147,9 +149,26 @@ def mse_heatmap_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Ten
 def contrastive_loss(desc: torch.Tensor, labels: torch.Tensor, margin: float = 0.8) -> torch.Tensor:
     """Pull same-label descriptors together, push other labels beyond ``margin``.
 
-    ``desc`` (N, D), ``labels`` (N,) ints (negative labels are ignored).
-    ``L = mean_{same} d_ij + mean_{diff} max(0, m - d_ij)`` over pairs i < j
-    with Euclidean ``d``; a term with no pairs contributes 0.
+    ``desc`` (N, D), ``labels`` (N,) ints (negative labels are ignored). Over
+    the pairs ``i < j`` with Euclidean distance ``d_ij``::
+
+        L = ( sum_{same} d_ij^2 + sum_{diff} max(0, m - d_ij)^2 ) / (n_same + n_diff)
+
+    This is the descriptor loss of Mallis et al., "From Keypoints to Object
+    Landmarks via Self-Training Correspondence" (TPAMI 2023; ref. [32] of
+    paper 001, whose Sec 3.2 uses it for D-ULD's descriptor head, with
+    ``m = 0.8`` as in their code): the contrastive loss of Hadsell et al.
+    (2006) -- squared for positives, *squared hinge on the unsquared
+    distance* for negatives, and the positive and negative terms summed and
+    divided by the total number of pairs (not two separate means, which would
+    weight the rare positive pairs as much as all negatives together). The
+    latent-code loss of D-ULD++ (Eq. 3) is a different, unsquared form.
+
+    Pairs: every pair of the batch's labelled descriptors (both views, all
+    images). Mallis et al. draw positives across an image pair and negatives
+    within each image (plus random far locations); taking all pairs is the
+    dense version of the same positives/negatives. Returns 0 (with a
+    gradient path) when there is no pair.
     """
     keep = labels >= 0
     desc, labels = desc[keep], labels[keep]
@@ -157,11 +176,10 @@ def contrastive_loss(desc: torch.Tensor, labels: torch.Tensor, margin: float = 0
     if n < 2:
         return desc.sum() * 0.0
     sq = (desc[:, None, :] - desc[None, :, :]).pow(2).sum(-1)
-    dist = torch.sqrt(sq + 1e-12)
     upper = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
     same = (labels[:, None] == labels[None, :]) & upper
     diff = (labels[:, None] != labels[None, :]) & upper
-    zero = desc.sum() * 0.0
-    pos = dist[same].mean() if bool(same.any()) else zero
-    neg = F.relu(margin - dist[diff]).mean() if bool(diff.any()) else zero
-    return pos + neg
+    # sqrt only where the hinge needs d; eps keeps its gradient finite at d = 0 (coincident descriptors)
+    d_neg = torch.sqrt(sq[diff] + 1e-9)
+    total = sq[same].sum() + F.relu(margin - d_neg).pow(2).sum()
+    return total / max(int(same.sum()) + int(diff.sum()), 1)
