@@ -132,6 +132,54 @@ def test_resume_refuses_other_settings_or_data(tmp_path):
         train_ddpm(tiny_model(), crops, TrainConfig(steps=0), progress=False)
 
 
+class _Planted:
+    """Unpickling this runs a shell command (what a planted checkpoint would do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_planted_pickle_checkpoint_is_refused_not_run(tmp_path):
+    crops = blobs(8)
+    cfg = TrainConfig(steps=2, batch_size=4, checkpoint_every=2)
+    train_ddpm(tiny_model(), crops, cfg, checkpoint_dir=tmp_path / "c", progress=False)
+    (ckpt,) = [p for _, p in list_checkpoints(tmp_path / "c")]
+    assert not any(f.suffix in (".pt", ".pkl") for f in ckpt.iterdir())  # the format has no pickle
+    # An attacker replaces the state by an old-format pickle that runs code when loaded.
+    marker = tmp_path / "pwned"
+    for f in ("state.json", "state.safetensors"):
+        (ckpt / f).unlink()
+    torch.save({"step": _Planted(marker)}, ckpt / "state.pt")
+    with pytest.raises(ConfigError, match="refusing to load"):
+        train_ddpm(tiny_model(), crops, TrainConfig(steps=4, batch_size=4, checkpoint_every=2), checkpoint_dir=tmp_path / "c", progress=False)
+    assert not marker.exists()
+
+
+def test_legacy_checkpoint_of_plain_tensors_still_resumes(tmp_path):
+    from pipeline.backbones.training import read_checkpoint_state
+
+    crops = blobs(8)
+    cfg = TrainConfig(steps=4, batch_size=4, lr=1e-3, warmup_steps=2, checkpoint_every=2)
+    ref = tiny_model()
+    train_ddpm(ref, crops, cfg, progress=False)
+    train_ddpm(tiny_model(), crops, TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup_steps=2, checkpoint_every=2),
+               checkpoint_dir=tmp_path / "c", progress=False)
+    (ckpt,) = [p for _, p in list_checkpoints(tmp_path / "c")]
+    # rewrite it in the format of earlier versions (torch.save of plain containers)
+    torch.save(read_checkpoint_state(ckpt), ckpt / "state.pt")
+    (ckpt / "state.json").unlink()
+    (ckpt / "state.safetensors").unlink()
+    resumed = tiny_model(seed=3)
+    assert train_ddpm(resumed, crops, cfg, checkpoint_dir=tmp_path / "c", progress=False).resumed_from == 2
+    a, b = state(ref), state(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _synthetic_workspace(workspace):
     from pipeline.datasets.registry import get_loader
     from pipeline.datasets.synthetic import generate_synthetic

@@ -9,17 +9,24 @@ gets saved and used for features (EMA weights give smoother, better samples and
 steadier features than the raw iterate).
 
 Resumable: every ``checkpoint_every`` steps the trainable weights, the EMA
-weights (safetensors), the optimizer state, the step, the loss history and the
-state of the one random generator that drives batches, timesteps and noise
-(torch.save) are written atomically to ``checkpoint_dir/step-XXXXXXX/``. A run
-that was killed continues from the newest complete checkpoint and, on the CPU,
-ends bit for bit where an uninterrupted run would.
+weights, the optimizer tensors and the state of the one random generator that
+drives batches, timesteps and noise (safetensors), plus the step, the loss
+history and the optimizer's hyper-parameters (JSON) are written atomically to
+``checkpoint_dir/step-XXXXXXX/``. A run that was killed continues from the
+newest complete checkpoint and, on the CPU, ends bit for bit where an
+uninterrupted run would.
+
+Nothing in a checkpoint is unpickled: a checkpoint folder is a file anyone with
+write access to the workspace could plant, and ``torch.load`` of a pickle runs
+arbitrary code. Checkpoints of older versions (``state.pt``) are still read,
+with ``weights_only=True`` (tensors and plain containers only).
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 import re
 import shutil
@@ -36,6 +43,9 @@ from pipeline.backbones.common import atomic_dir
 from pipeline.errors import ConfigError, DatasetError
 
 _CKPT = re.compile(r"^step-(\d{7})$")
+STATE_JSON = "state.json"  # step, losses, settings, optimizer hyper-parameters
+STATE_TENSORS = "state.safetensors"  # optimizer tensors + generator state
+LEGACY_STATE = "state.pt"  # checkpoints written before the pickle-free format
 
 
 @dataclass(frozen=True)
@@ -136,7 +146,8 @@ def list_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for p in checkpoint_dir.iterdir():
         m = _CKPT.match(p.name)
-        if m and (p / "state.pt").is_file() and (p / "model.safetensors").is_file():
+        has_state = (p / STATE_JSON).is_file() and (p / STATE_TENSORS).is_file() or (p / LEGACY_STATE).is_file()
+        if m and has_state and (p / "model.safetensors").is_file():
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -152,25 +163,76 @@ def _save_checkpoint(
         return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
     target = Path(checkpoint_dir) / f"step-{step:07d}"
+    opt_tensors, opt_meta = optimizer_state_to_flat(opt.state_dict())
     with atomic_dir(target) as tmp:
         save_file(flat(net), str(tmp / "model.safetensors"))
         save_file(flat(ema), str(tmp / "ema.safetensors"))
-        torch.save(
-            {
-                "step": step,
-                "optimizer": opt.state_dict(),
-                "generator": gen.get_state(),
-                "losses": list(losses),
-                "trajectory": cfg.trajectory(),
-                "data": fingerprint,
-                "arch": arch,
-                "wall_seconds": wall_seconds,
-            },
-            tmp / "state.pt",
-        )
+        save_file({**opt_tensors, "generator": gen.get_state()}, str(tmp / STATE_TENSORS))
+        meta = {
+            "step": step,
+            "optimizer": opt_meta,
+            "losses": [float(v) for v in losses],
+            "trajectory": cfg.trajectory(),
+            "data": fingerprint,
+            "arch": arch,
+            "wall_seconds": wall_seconds,
+        }
+        (tmp / STATE_JSON).write_text(json.dumps(meta))
     for _, old in list_checkpoints(checkpoint_dir)[: -cfg.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def optimizer_state_to_flat(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer ``state_dict`` into tensors (for safetensors) and JSON.
+
+    Tensor entries of the per-parameter state become ``opt.<param>.<name>``;
+    every other value (hyper-parameters, python scalars) goes to the JSON part.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for pid, entry in state["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"opt.{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[name] = value
+    meta = {"param_groups": state["param_groups"], "scalars": scalars, "params": [str(k) for k in state["state"]]}
+    return tensors, meta
+
+
+def optimizer_state_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """Inverse of :func:`optimizer_state_to_flat`."""
+    state: dict[int, dict] = {int(pid): dict(meta["scalars"].get(pid, {})) for pid in meta["params"]}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            state[int(pid)][name] = value
+    groups = [{**g, **({"betas": tuple(g["betas"])} if "betas" in g else {})} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def read_checkpoint_state(path: Path) -> dict:
+    """The non-weight state of a checkpoint folder, without unpickling anything.
+
+    Returns a dict with ``step, optimizer (a state_dict), generator, losses,
+    trajectory, data, arch, wall_seconds``.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if (path / STATE_JSON).is_file():
+        meta = json.loads((path / STATE_JSON).read_text())
+        tensors = load_file(str(path / STATE_TENSORS))
+        return {**meta, "optimizer": optimizer_state_from_flat(tensors, meta["optimizer"]), "generator": tensors["generator"]}
+    try:  # an older checkpoint: tensors and plain containers only, never arbitrary objects
+        return torch.load(path / LEGACY_STATE, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - the unpickler refuses anything but plain data
+        raise ConfigError(
+            f"refusing to load the checkpoint state {path / LEGACY_STATE}: {type(err).__name__}: {str(err).splitlines()[0][:200]}",
+            where=str(path),
+            fix="the file is not a checkpoint this project wrote (it may hold code); delete that checkpoint folder",
+        ) from None
 
 
 def _arch(unet: torch.nn.Module) -> dict:
@@ -230,7 +292,7 @@ def train_ddpm(
         ckpts = list_checkpoints(Path(checkpoint_dir))
         if ckpts:
             last_step, path = ckpts[-1]
-            state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+            state = read_checkpoint_state(path)
             problems = []
             if state["data"] != fingerprint:
                 problems.append("the training images differ")
