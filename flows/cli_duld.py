@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         descriptor_dim: int = typer.Option(32, "--descriptor-dim", help="Descriptor dimension D."),
         run_id: Optional[str] = typer.Option(None, "--run-id", help="Run folder name under runs/; default: a fresh duld-<time>-<hash>."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run --run-id from its last finished round (same options required)."),
-        timesteps: Timesteps = "50,150",
+        timesteps: Timesteps = None,
         layers: Layers = None,
         size: Size = 64,
         crop_margin: CropMargin = 0.15,
@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
         s = settings(ctx)
         if resolve_device(s.device) != "cpu":
             typer.echo("note: D-ULD heads train on the CPU in this version; --device is ignored by this command")
-        spec = feature_spec(size, timesteps, layers, crop_margin, reduce_channels, s.seed)
+        spec = feature_spec(size, timesteps, layers, crop_margin, reduce_channels, s.seed, backbone=backbone, home=s.home)
         t0 = time.perf_counter()
         table = duld(
             dataset, backbone, spec, k=k, rounds=rounds, steps_per_round=steps_per_round, bootstrap_steps=bootstrap_steps,

@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
         k: int = typer.Option(10, "-k", "--k", help="Number of random landmarks (ignored by mean-shape)."),
         run_id: Optional[str] = typer.Option(None, "--run-id", help="Run folder name; default: a fresh baseline-<name>-<time>-<hash>."),
         store: Optional[Path] = typer.Option(None, "--store", help="Read this feature store folder directly."),
-        timesteps: Timesteps = "50,150",
+        timesteps: Timesteps = None,
         layers: Layers = None,
         size: Size = 64,
         crop_margin: CropMargin = 0.15,
@@ -79,7 +79,7 @@ def register(app: typer.Typer) -> None:
         if name not in BASELINES:
             raise ConfigError(f"unknown baseline {name!r}", where="NAME", fix=f"use one of: {', '.join(BASELINES)}")
         s = settings(ctx)
-        spec = feature_spec(size, timesteps, layers, crop_margin, reduce_channels, s.seed)
+        spec = feature_spec(size, timesteps, layers, crop_margin, reduce_channels, s.seed, backbone=backbone, home=s.home)
         rid = reference_baseline(
             dataset, name, backbone, spec, k, home=s.home, seed=s.seed, run_id=run_id, store_path=store,
             eval_cfg={"n_regressor_images": n_regressor_images or None, "repeats": repeats}, device=resolve_device(s.device),

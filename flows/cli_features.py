@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset whose manifests exist in the workspace (see `uld datasets --help`)."),
         backbone: str = typer.Option("shipped", "--backbone", "-b", help="Backbone: `shipped` (the bundled DDPM), a backbone trained in the workspace, or a diffusers directory."),
-        timesteps: Timesteps = "50,150",
+        timesteps: Timesteps = None,
         layers: Layers = None,
         size: Size = 64,
         crop_margin: CropMargin = 0.15,
@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         from storage.features import FeatureStore
 
         s = settings(ctx)
-        spec = feature_spec(size, timesteps, layers, crop_margin, reduce_channels, s.seed)
+        spec = feature_spec(size, timesteps, layers, crop_margin, reduce_channels, s.seed, backbone=backbone, home=s.home)
         check_manifests(s.home, dataset, s.data_root)  # before a flow run starts: one clear error line
         t0 = time.perf_counter()
         # A finished store needs no flow run (and no Prefect server start-up): check that first, on the CPU.

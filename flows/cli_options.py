@@ -7,6 +7,7 @@ find that store. Declaring the options and the builder once keeps them in step.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -16,7 +17,7 @@ from pipeline.errors import ConfigError
 
 _SAME = "(use the same value in `uld features` and in every stage that reads its store)"
 
-Timesteps = Annotated[str, typer.Option("--timesteps", help=f"Comma-separated diffusion timesteps, one UNet pass each {_SAME}.")]
+Timesteps = Annotated[Optional[str], typer.Option("--timesteps", help=f"Comma-separated diffusion timesteps, one UNet pass each; default: the backbone's default_timesteps (uld_backbone.json, written by `uld backbone probe --write-default`), else 50,150 {_SAME}.")]
 Layers = Annotated[Optional[str], typer.Option("--layers", help=f"Comma-separated up-block layers, e.g. up1.res1,up2.res1; default: the backbone's hyperfeature layers {_SAME}.")]
 Size = Annotated[int, typer.Option("--size", help=f"Crop size in pixels fed to the UNet {_SAME}.")]
 CropMargin = Annotated[float, typer.Option("--crop-margin", help=f"Margin around the object box, as a fraction of its size {_SAME}.")]
@@ -38,11 +39,29 @@ def str_list(text: Optional[str]) -> tuple[str, ...]:
     return tuple(v.strip() for v in (text or "").split(",") if v.strip())
 
 
-def feature_spec(size: int, timesteps: str, layers: Optional[str], crop_margin: float, reduce_channels: Optional[int], seed: int) -> FeatureSpec:
-    """The FeatureSpec the feature options describe (the noise seed is the global --seed)."""
+def feature_spec(
+    size: int,
+    timesteps: Optional[str],
+    layers: Optional[str],
+    crop_margin: float,
+    reduce_channels: Optional[int],
+    seed: int,
+    backbone: Optional[str] = None,
+    home: Optional[Path] = None,
+) -> FeatureSpec:
+    """The FeatureSpec the feature options describe (the noise seed is the global --seed).
+
+    ``timesteps=None`` (option not given) means the backbone's recorded
+    ``default_timesteps`` when its folder has them, else FeatureSpec's 50,150 --
+    resolved here, so the spec (and the store hash) always names explicit
+    timesteps and stores made before defaults existed are still found.
+    """
+    from pipeline.backbones.defaults import default_timesteps
+
+    ts = default_timesteps(backbone, home) if timesteps is None else int_list(timesteps, "--timesteps")
     return FeatureSpec(
         image_size=size,
-        timesteps=int_list(timesteps, "--timesteps"),
+        timesteps=ts,
         layers=str_list(layers),
         crop_margin=crop_margin,
         noise_seed=seed,

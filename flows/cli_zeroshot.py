@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         max_train_images: Optional[int] = typer.Option(None, "--max-train-images", help="Use a seeded subset of this many training images (sampling and regressor pool)."),
         run_id: Optional[str] = typer.Option(None, "--run-id", help="Run folder name under runs/; default: a fresh zeroshot-<time>-<hash>. An existing run with the same config resumes."),
         store: Optional[Path] = typer.Option(None, "--store", help="Read this feature store folder directly instead of looking it up from the options below."),
-        timesteps: Timesteps = "50,150",
+        timesteps: Timesteps = None,
         layers: Layers = None,
         size: Size = 64,
         crop_margin: CropMargin = 0.15,
@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
         from flows.zeroshot import zeroshot
 
         s = settings(ctx)
-        spec = feature_spec(size, timesteps, layers, crop_margin, reduce_channels, s.seed)
+        spec = feature_spec(size, timesteps, layers, crop_margin, reduce_channels, s.seed, backbone=backbone, home=s.home)
         t0 = time.perf_counter()
         rid = zeroshot(
             dataset, backbone, spec, k, samples_per_image, home=s.home, seed=s.seed, run_id=run_id,
