@@ -113,11 +113,13 @@ def train_backbone(
     limit: int | None = None,
     device: str = "cpu",
     threads: int | None = None,
+    channels: tuple[int, ...] | None = None,
+    flip: bool = False,
 ) -> dict:
     """Train (or resume, or re-export) a DDPM backbone on ``dataset``; returns a summary dict."""
     import torch
 
-    from pipeline.backbones.ddpm import CategoryDDPM
+    from pipeline.backbones.ddpm import CategoryDDPM, unet_arch
     from pipeline.backbones.training import TrainConfig, list_checkpoints
 
     log = get_run_logger()
@@ -129,12 +131,13 @@ def train_backbone(
     name = name or default_name(dataset, image_size)
     target = ws.backbone_dir(name)
     ckpt_dir = target / "checkpoints"
-    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every)
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every, flip=flip)
     config.validate()
 
     crops = load_training_crops(Path(home), dataset, image_size, margin, limit)
     torch.manual_seed(seed)  # the UNet's random init
-    model = CategoryDDPM.create(image_size=image_size, name=name).to(device)
+    arch = {} if channels is None else unet_arch(channels)
+    model = CategoryDDPM.create(image_size=image_size, name=name, **arch).to(device)
     had = list_checkpoints(ckpt_dir)
     if had:
         log.info("resuming from %s", had[-1][1])

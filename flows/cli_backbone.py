@@ -31,7 +31,9 @@ def register(app: typer.Typer) -> None:
         save_dtype: str = typer.Option("float32", "--save-dtype", help="Weights dtype on disk: float32 or float16 (half the size)."),
         checkpoint_every: int = typer.Option(250, "--checkpoint-every", min=1, help="Steps between resumable checkpoints."),
         limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Train on the first N training images only."),
-        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch [default: torch's choice]."),
+        threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads. 1 is fastest on a shared 2-core machine (more threads oversubscribe: 0.3-1 steps/s instead of 2.9 measured); raise it on an idle multi-core one."),
+        channels: Optional[str] = typer.Option(None, "--channels", help="UNet widths per resolution level, e.g. 16,32,64,128 (self-attention at the lowest level) [default: the shipped 16,24,32,64]."),
+        flip: bool = typer.Option(False, "--flip/--no-flip", help="Random horizontal flips of the training crops (see TrainConfig.flip for why it is off by default)."),
     ) -> None:
         """Train a pixel-space DDPM (diffusers UNet2DModel) on the dataset's training crops.
 
@@ -42,6 +44,7 @@ def register(app: typer.Typer) -> None:
         """
         from flows.backbone import train_backbone
         from flows.cli import settings
+        from flows.cli_options import int_list
         from flows.datasets import load_manifest
         from pipeline.settings import resolve_device
 
@@ -63,6 +66,8 @@ def register(app: typer.Typer) -> None:
             limit=limit,
             device=resolve_device(s.device),
             threads=threads,
+            channels=None if channels is None else tuple(int_list(channels, "--channels")),
+            flip=flip,
         )
         typer.echo(f"backbone:   {summary['name']} -> {summary['dir']}")
         if "out" in summary:

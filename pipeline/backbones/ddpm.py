@@ -62,6 +62,26 @@ DEFAULT_ARCH: dict[str, Any] = {
 DEFAULT_LAYERS: tuple[str, ...] = ("up1.res1", "up2.res1")
 
 
+def unet_arch(channels: Sequence[int], layers_per_block: int = 1) -> dict[str, Any]:
+    """The shipped design at other widths: ``channels`` per resolution level (highest
+    resolution first), self-attention only at the lowest level, GroupNorm of 8 groups."""
+    ch = tuple(int(c) for c in channels)
+    if len(ch) < 2 or any(c < 8 or c % 8 for c in ch):
+        raise ConfigError(
+            f"UNet widths {ch} are not usable",
+            where="--channels",
+            fix="give at least two widths, each a multiple of 8 (GroupNorm uses 8 groups), e.g. 16,32,64,128",
+        )
+    n = len(ch)
+    return {
+        **DEFAULT_ARCH,
+        "block_out_channels": ch,
+        "layers_per_block": int(layers_per_block),
+        "down_block_types": ("DownBlock2D",) * (n - 1) + ("AttnDownBlock2D",),
+        "up_block_types": ("AttnUpBlock2D",) + ("UpBlock2D",) * (n - 1),
+    }
+
+
 def _scheduler_identity(scheduler: Any) -> dict:
     cfg = scheduler.config
     return {
