@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.backbones.ddpm import CategoryDDPM, unet_arch
 
-WIDTHS = {"shipped 16,24,32,64": (16, 24, 32, 64), "16,32,64,128": (16, 32, 64, 128)}
+WIDTHS = {"shipped 16,24,32,64": (16, 24, 32, 64), "16,32,64,128": (16, 32, 64, 128), "32,48,64,128": (32, 48, 64, 128)}
 
 
 def time_steps(unet: torch.nn.Module, batch: int, size: int, precision: str, channels_last: bool, n: int) -> tuple[float, float]:
