@@ -52,6 +52,7 @@ def register(app: typer.Typer) -> None:
         repeats: int = typer.Option(5, "--repeats", help="Regressor fits on different random subsets, averaged."),
         evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Compute forward/backward NME after predicting."),
         force: bool = typer.Option(False, "--force", help="Redo every step of an existing run, overwriting its files."),
+        roi: str = typer.Option("box", "--roi", help="Pixels sampled and labelled: `box` = inside the object box (the paper's RoI); `foreground` = also drop what an unsupervised two-cluster split of each crop's features calls background (bench/results/foreground.md)."),
     ) -> None:
         """Cluster hyperfeatures of random RoI pixels into K landmarks; label test pixels; evaluate.
 
@@ -70,7 +71,7 @@ def register(app: typer.Typer) -> None:
             dataset, backbone, spec, k, samples_per_image, home=s.home, seed=s.seed, run_id=run_id,
             store_path=store, n_test_samples=test_samples, proj_dim=proj_dim, max_train_images=max_train_images,
             batch_size=batch_size, n_init=n_init, max_iter=max_iter, evaluate=evaluate,
-            eval_cfg={"n_regressor_images": n_regressor_images, "repeats": repeats}, device=resolve_device(s.device), force=force,
+            eval_cfg={"n_regressor_images": n_regressor_images, "repeats": repeats}, device=resolve_device(s.device), force=force, roi=roi,
         )
         print_metrics(s.home, rid)
         typer.echo(f"time: {time.perf_counter() - t0:.1f} s")

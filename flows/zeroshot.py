@@ -74,6 +74,21 @@ def store_rois(home: str | Path, dataset: str, store: FeatureStore, indices: np.
     return to_crop(b, store.crop_boxes[idx], store.image_size).reshape(-1, 4)
 
 
+def object_masks(store: FeatureStore, indices: np.ndarray, roi: str, batch_size: int = 32) -> np.ndarray | None:
+    """Per-image foreground masks (n, r, r) when ``roi`` is ``"foreground"`` (else None: the box alone).
+
+    See :mod:`pipeline.methods.foreground`; computed from the store's own
+    features, so train and test images get the same rule.
+    """
+    if roi == "box":
+        return None
+    if roi != "foreground":
+        raise ConfigError(f"unknown RoI rule {roi!r}", where="--roi", fix="use 'box' or 'foreground'")
+    from pipeline.methods.foreground import foreground_masks
+
+    return foreground_masks(iter_batches(store, indices, batch_size))
+
+
 def iter_batches(store: FeatureStore, indices: np.ndarray, batch_size: int, keys: list[str] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Feature dicts of consecutive groups of ``indices``: memory is one batch."""
     for s in range(0, len(indices), batch_size):
@@ -123,7 +138,8 @@ def sample_task(home: Path, run_id: str, dataset: str, store_path: Path, cfg: di
     store = FeatureStore.open(store_path)
     idx = split_indices(store, "train", cfg["max_train_images"], cfg["seed"])
     model = ZeroShot(**cfg["model"])
-    desc, owner, xy = model.sample_descriptors(iter_batches(store, idx, cfg["batch_size"]), store_rois(home, dataset, store, idx))
+    masks = object_masks(store, idx, cfg["roi"], cfg["batch_size"])
+    desc, owner, xy = model.sample_descriptors(iter_batches(store, idx, cfg["batch_size"]), store_rois(home, dataset, store, idx), masks=masks)
     samples = Workspace(home).run_file(run_id, "zeroshot/train_samples.npz")
     with atomic_path(samples) as tmp:
         with open(tmp, "wb") as fh:
@@ -188,7 +204,8 @@ def predict_task(home: Path, run_id: str, dataset: str, store_path: Path, model_
     limit = cfg["max_train_images"] if split == "train" else None
     idx = split_indices(store, split, limit, cfg["seed"])
     model = ZeroShot.from_pretrained(model_dir)
-    lms = model.predict(iter_batches(store, idx, cfg["batch_size"]), store_rois(home, dataset, store, idx))
+    masks = object_masks(store, idx, cfg["roi"], cfg["batch_size"])
+    lms = model.predict(iter_batches(store, idx, cfg["batch_size"]), store_rois(home, dataset, store, idx), masks=masks)
     return write_keypoints(home, run_id, METHOD, STAGE, 0, store, idx, lms)
 
 
@@ -222,8 +239,13 @@ def zeroshot(
     eval_cfg: dict[str, Any] | None = None,
     device: str = "cpu",
     force: bool = False,
+    roi: str = "box",
 ) -> str:
     """ZeroShot (001, Sec 3.1) on a cached feature store; returns the run id.
+
+    ``roi``: ``"box"`` samples pixels inside the object box (the paper's RoI);
+    ``"foreground"`` also drops the pixels an unsupervised foreground split of
+    the features calls background (:mod:`pipeline.methods.foreground`).
 
     Steps (tasks): sample RoI descriptors of the training images -> k-means ->
     cluster quality -> landmarks of train and test images -> NME evaluation.
@@ -242,6 +264,7 @@ def zeroshot(
         "max_train_images": max_train_images,
         "batch_size": int(batch_size),
         "silhouette_sample": int(silhouette_sample),
+        "roi": str(roi),
         "model": {
             "n_clusters": int(k),
             "crop_size": int(store.image_size),

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from pipeline.clustering.kmeans import FaissKMeans, centroid_index, nearest_centroid
 from pipeline.errors import ConfigError, StoreError
 from pipeline.methods.exemplar import exemplar_assign
+from pipeline.methods.foreground import mask_lookup
 from pipeline.methods.landmarks import LandmarkSet
 from storage.atomic import atomic_path, write_json
 
@@ -148,9 +149,20 @@ def roi_pixels(roi: np.ndarray, crop_size: int) -> np.ndarray:
     return np.stack([xx.ravel() + 0.5, yy.ravel() + 0.5], -1).astype(np.float32)
 
 
-def sample_roi_pixels(roi: np.ndarray, crop_size: int, n: int | None, rng: np.random.Generator) -> np.ndarray:
-    """``n`` distinct random RoI pixel centres (all of them when ``n`` is None or exceeds the count)."""
+def sample_roi_pixels(
+    roi: np.ndarray, crop_size: int, n: int | None, rng: np.random.Generator, mask: np.ndarray | None = None, min_pixels: int = 1
+) -> np.ndarray:
+    """``n`` distinct random RoI pixel centres (all of them when ``n`` is None or exceeds the count).
+
+    ``mask`` (r, r) bool, optional: keep only RoI pixels on its True cells (a
+    foreground estimate, :mod:`pipeline.methods.foreground`), unless fewer than
+    ``min_pixels`` would remain, in which case the whole RoI is used.
+    """
     pix = roi_pixels(roi, crop_size)
+    if mask is not None:
+        keep = mask_lookup(mask, pix, crop_size)
+        if keep.sum() >= max(1, int(min_pixels)):
+            pix = pix[keep]
     if n is None or n >= len(pix):
         return pix
     return pix[np.sort(rng.choice(len(pix), size=int(n), replace=False))]
@@ -235,10 +247,16 @@ class ZeroShot:
         # One generator per (purpose, image): results do not depend on the batching.
         return np.random.default_rng([self.seed, stream, int(image)])
 
-    def sample_descriptors(self, batches: Iterable[FeatureBatch], rois: np.ndarray, progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Descriptors of random RoI pixels of every image: ``(desc (M, D), image_index (M,), xy (M, 2))``."""
+    def sample_descriptors(
+        self, batches: Iterable[FeatureBatch], rois: np.ndarray, progress: bool = True, masks: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Descriptors of random RoI pixels of every image: ``(desc (M, D), image_index (M,), xy (M, 2))``.
+
+        ``masks`` (N, r, r) bool, optional: sample only RoI pixels on the mask (a foreground estimate).
+        """
         rois = np.asarray(rois, dtype=np.float64).reshape(-1, 4)
         n_img = len(rois)
+        _check_masks(masks, n_img)
         per = None
         descs, owners, points = [], [], []
         at = 0
@@ -249,7 +267,7 @@ class ZeroShot:
                 self.samples_per_image_ = per
             if at + b > n_img:
                 raise ConfigError(f"feature batches cover more than the {n_img} images given RoIs for", where="ZeroShot.sample_descriptors")
-            pts = [sample_roi_pixels(rois[at + i], self.crop_size, per, self._rng(0, at + i)) for i in range(b)]
+            pts = [sample_roi_pixels(rois[at + i], self.crop_size, per, self._rng(0, at + i), _mask(masks, at + i), self.n_clusters) for i in range(b)]
             counts = [len(p) for p in pts]
             if len(set(counts)) == 1:  # the usual case: one batched call
                 d = describe_points(batch, np.stack(pts), self.crop_size, self.proj_dim, self.seed)
@@ -275,8 +293,8 @@ class ZeroShot:
         self.n_train_points_ = int(len(desc))
         return self
 
-    def fit(self, batches: Iterable[FeatureBatch], rois: np.ndarray, progress: bool = True) -> "ZeroShot":
-        desc, _, _ = self.sample_descriptors(batches, rois, progress)
+    def fit(self, batches: Iterable[FeatureBatch], rois: np.ndarray, progress: bool = True, masks: np.ndarray | None = None) -> "ZeroShot":
+        desc, _, _ = self.sample_descriptors(batches, rois, progress, masks)
         return self.fit_descriptors(desc)
 
     # ---------------------------------------------------------- inference
@@ -284,11 +302,15 @@ class ZeroShot:
         if getattr(self, "cluster_centers_", None) is None:
             raise ConfigError("ZeroShot is not fitted", where="ZeroShot.predict", fix="call fit() or load centroids with from_pretrained()")
 
-    def predict(self, batches: Iterable[FeatureBatch], rois: np.ndarray, progress: bool = True) -> LandmarkSet:
-        """Landmarks (crop pixels) of the images covered by ``batches``; score = -squared distance to the centroid."""
+    def predict(self, batches: Iterable[FeatureBatch], rois: np.ndarray, progress: bool = True, masks: np.ndarray | None = None) -> LandmarkSet:
+        """Landmarks (crop pixels) of the images covered by ``batches``; score = -squared distance to the centroid.
+
+        ``masks`` as in :meth:`sample_descriptors`: only masked RoI pixels can become landmarks.
+        """
         self._check_fitted()
         rois = np.asarray(rois, dtype=np.float64).reshape(-1, 4)
         n_img, K = len(rois), self.n_clusters
+        _check_masks(masks, n_img)
         coords = np.full((n_img, K, 2), np.nan, np.float32)
         scores = np.full((n_img, K), np.nan, np.float32)
         present = np.zeros((n_img, K), bool)
@@ -300,7 +322,7 @@ class ZeroShot:
                 raise ConfigError(f"feature batches cover more than the {n_img} images given RoIs for", where="ZeroShot.predict")
             for i in range(b):
                 single = {k: v[i : i + 1] for k, v in batch.items()}
-                pts = sample_roi_pixels(rois[at + i], self.crop_size, self.n_test_samples, self._rng(1, at + i))
+                pts = sample_roi_pixels(rois[at + i], self.crop_size, self.n_test_samples, self._rng(1, at + i), _mask(masks, at + i), K)
                 labels = np.empty(len(pts), np.int64)
                 dist = np.empty(len(pts), np.float32)
                 for s in range(0, len(pts), self.point_chunk):
@@ -343,6 +365,15 @@ class ZeroShot:
         if model.cluster_centers_.shape[0] != model.n_clusters:
             raise StoreError(f"centroid file holds {model.cluster_centers_.shape[0]} centroids, config says {model.n_clusters}", where=str(directory))
         return model
+
+
+def _check_masks(masks: np.ndarray | None, n_img: int) -> None:
+    if masks is not None and (np.ndim(masks) != 3 or len(masks) != n_img):
+        raise ConfigError(f"masks must be (N, r, r) for the {n_img} images, got shape {np.shape(masks)}", where="ZeroShot")
+
+
+def _mask(masks: np.ndarray | None, i: int) -> np.ndarray | None:
+    return None if masks is None else masks[i]
 
 
 def _batch_len(batch: FeatureBatch) -> int:
