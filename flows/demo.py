@@ -67,27 +67,14 @@ def summary_table(home: Path, run_ids: dict[str, str]) -> pd.DataFrame:
 
 @task(name="demo-figure", cache_policy=NO_CACHE, persist_result=False)
 def figure_task(home: Path, cfg: DemoConfig, run_ids: dict[str, str], n_images: int = 16) -> list[Path]:
-    """Contact sheets of test crops with each method's landmarks, for looking rather than reading."""
-    from flows.datasets import load_manifest
-    from flows.results import keypoint_arrays, read_keypoints
-    from pipeline.datasets.crop import load_crops, to_crop
-    from pipeline.datasets.show import contact_sheet
+    """Contact sheets of test crops with each method's landmarks (last round), for looking rather than reading."""
+    from flows.figures import landmark_sheet
 
-    manifest = load_manifest(home, "synthetic", "test")
-    take = np.arange(min(n_images, len(manifest)))
-    crops, _ = load_crops(manifest, cfg.crop_size, cfg.spec().crop_margin, indices=take, progress=False)
-    wanted = manifest.image_ids[take]
     out = []
     for label, run_id in run_ids.items():
-        kp = read_keypoints(home, run_id)
-        kp = kp[kp["split"] == "test"]
-        ids, coords, present, boxes = keypoint_arrays(kp)  # the crop boxes the run itself used
-        pos = {i: n for n, i in enumerate(ids)}
-        sel = np.array([pos[i] for i in wanted])
-        pts = to_crop(coords[sel], boxes[sel], cfg.crop_size)
-        names = [f"landmark {i}" for i in range(pts.shape[1])]
         path = Workspace(home).figures_dir(run_id) / "demo-test-landmarks.png"
-        out.append(contact_sheet(crops, pts, present[sel], names, path, title=f"{label}: discovered landmarks on test crops"))
+        out.append(landmark_sheet(home, run_id, "synthetic", cfg.crop_size, cfg.spec().crop_margin, path,
+                                  title=f"{label}: discovered landmarks on test crops", n_images=n_images))
     return out
 
 

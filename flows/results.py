@@ -4,8 +4,9 @@ Plain functions (no Prefect): the flows of every method call them, and so can
 notebooks and tests.
 
 ``keypoints.parquet`` rows hold landmarks in *original* image pixels (the
-schema's x, y) plus four extra columns ``crop_x0, crop_y0, crop_x1, crop_y1``:
-the square crop box the method saw. The evaluator needs that box to bring
+schema's x, y), a ``fallback`` flag (present but filled in by the method, not
+detected; see :class:`pipeline.methods.landmarks.LandmarkSet`) plus four extra
+columns ``crop_x0, crop_y0, crop_x1, crop_y1``: the square crop box the method saw. The evaluator needs that box to bring
 predictions and ground truth into the same unit crop frame (see
 ``pipeline.evaluation.nme``); storing it with the keypoints keeps a run's
 evaluation independent of which feature store it came from.
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import StoreError
+from pipeline.errors import ConfigError, StoreError
 from pipeline.evaluation import EvalData, evaluate_nme, hungarian_accuracy, nme_by_yaw
 from pipeline.evaluation.nme import MissingRule, ced_curve
 from pipeline.methods.landmarks import LandmarkSet
@@ -89,6 +90,7 @@ def keypoints_frame(
             "y": xy[..., 1].reshape(-1),
             "score": landmarks.scores.reshape(-1),
             "present": landmarks.present.reshape(-1),
+            "fallback": landmarks.fallback.reshape(-1),
             **{c: np.repeat(boxes[:, j], K) for j, c in enumerate(CROP_COLUMNS)},
         }
     )
@@ -134,6 +136,16 @@ def keypoint_arrays(kp: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return ids, coords, present, boxes
 
 
+def keypoint_fallback(kp: pd.DataFrame) -> np.ndarray:
+    """(N, K) bool fallback flags of keypoint rows, images in the order of :func:`keypoint_arrays`."""
+    K = int(kp["landmark_id"].max()) + 1
+    ids, inv = np.unique(kp["image_id"].to_numpy(dtype=str), return_inverse=True)
+    out = np.zeros((len(ids), K), bool)
+    flags = kp["fallback"].to_numpy(bool) if "fallback" in kp.columns else np.zeros(len(kp), bool)
+    out[inv, kp["landmark_id"].to_numpy(np.int64)] = flags
+    return out
+
+
 def write_metrics(home: str | Path, run_id: str, rows: list[dict[str, Any]]) -> Path:
     """Append long-format metric rows (replacing rows with the same key)."""
     df = pd.DataFrame(rows)
@@ -142,7 +154,7 @@ def write_metrics(home: str | Path, run_id: str, rows: list[dict[str, Any]]) -> 
 
 
 # ------------------------------------------------------------ evaluation
-def _eval_split(home: Path, dataset: str, split: str, kp: pd.DataFrame) -> tuple[EvalData, list[str], int]:
+def _eval_split(home: Path, dataset: str, split: str, kp: pd.DataFrame) -> tuple[EvalData, np.ndarray, list[str], int]:
     from flows.datasets import load_manifest
 
     manifest = load_manifest(home, dataset, split)
@@ -159,7 +171,7 @@ def _eval_split(home: Path, dataset: str, split: str, kp: pd.DataFrame) -> tuple
         coords, present, manifest.landmarks()[rows], manifest.normalisers()[rows], boxes,
         yaw=manifest.frame["yaw"].to_numpy(np.float64)[rows], image_ids=ids,
     )
-    return data, list(manifest.meta.landmark_names), len(manifest) - len(ids)
+    return data, keypoint_fallback(kp), list(manifest.meta.landmark_names), len(manifest) - len(ids)
 
 
 def evaluate_keypoints(
@@ -186,6 +198,11 @@ def evaluate_keypoints(
     Returns the metric rows written. The regressors are fitted on the run's
     training-split keypoints (so methods must predict training images too)
     and scored on its test-split keypoints against the manifests' ground truth.
+    ``nme_forward`` / ``nme_backward`` / ``acc<t>_hungarian`` score the landmarks
+    as written; ``nme_forward_nofallback``, ``nme_backward_nofallback`` and
+    ``acc<t>_hungarian_nofallback`` score them with every ``fallback`` landmark
+    treated as missing (``missing`` rule), and ``fallback_fraction`` is the share
+    of test landmarks that are fallbacks (all equal for methods without any).
     """
     home = Path(home)
     ws = Workspace(home)
@@ -201,18 +218,26 @@ def evaluate_keypoints(
                 fix="the regressors need keypoints on training images and the test images: re-run the method on both splits",
             )
         parts[split] = _eval_split(home, dataset, split, sub)
-    (train, names, _), (test, _, n_unpredicted) = parts[train_split], parts[test_split]
-    rep = evaluate_nme(
-        train, test, n_regressor_images=n_regressor_images, repeats=repeats, seed=seed,
+    (train, train_fb, names, _), (test, test_fb, _, n_unpredicted) = parts[train_split], parts[test_split]
+    nme_args = dict(
+        n_regressor_images=n_regressor_images, repeats=repeats, seed=seed,
         forward_lambda=forward_lambda, backward_lambda=backward_lambda, missing=missing,
     )
+    rep = evaluate_nme(train, test, **nme_args)
+    # The same protocol with every fallback landmark treated as missing (then imputed or
+    # dropped by `missing`, like any absent landmark): what the detections alone are worth.
+    train_nf, test_nf = train.without(train_fb), test.without(test_fb)
+    try:
+        rep_nf = evaluate_nme(train_nf, test_nf, **nme_args)
+    except ConfigError:  # e.g. missing="drop" with fallbacks in almost every image: nothing left to fit
+        rep_nf = None
     K = train.disc.shape[1]
     n_fit = rep.counts["n_regressor_images"]
     base = {"run_id": run_id, "method": method, "stage": stage, "round": int(round_), "dataset": dataset, "split": test_split, "k": K, "n_regressor_images": n_fit}
     rows: list[dict[str, Any]] = []
 
-    def add(metric: str, value: float, repeat: int = -1) -> None:
-        rows.append({**base, "metric": metric, "value": float(value), "repeat": int(repeat)})
+    def add(metric: str, value: float, repeat: int = -1, **over: Any) -> None:
+        rows.append({**base, **over, "metric": metric, "value": float(value), "repeat": int(repeat)})
 
     for res in (rep.forward, rep.backward):
         add(f"nme_{res.direction}", res.mean)
@@ -223,15 +248,22 @@ def evaluate_keypoints(
             for label, value, count in nme_by_yaw(res.per_image, test.yaw):
                 add(f"nme_{res.direction}_yaw{label}", value)
                 add(f"n_images_{res.direction}_yaw{label}", count)
+    for direction in ("forward", "backward"):
+        res_nf = None if rep_nf is None else getattr(rep_nf, direction)
+        add(f"nme_{direction}_nofallback", float("nan") if res_nf is None else res_nf.mean,
+            n_regressor_images=-1 if rep_nf is None else rep_nf.counts["n_regressor_images"])
     for name, value in rep.counts.items():
         add(name, value)
     add("n_test_without_keypoints", n_unpredicted)
     add("missing_rule_drop", 1.0 if missing == "drop" else 0.0)
+    add("fallback_fraction", float(test_fb.mean()) if test_fb.size else 0.0)
     hung = hungarian_accuracy(train, test, hungarian_threshold)
     add(f"acc{hungarian_threshold:g}_hungarian", hung.mean)
     for l, acc in enumerate(hung.accuracy):
         add(f"acc{hungarian_threshold:g}_gt{l}_{names[l] if l < len(names) else l}", acc)
         add(f"hungarian_match_gt{l}", hung.matched[l])
+    # A fallback landmark never counts as a hit here (the matching is fitted on detections only).
+    add(f"acc{hungarian_threshold:g}_hungarian_nofallback", hungarian_accuracy(train_nf, test_nf, hungarian_threshold).mean)
     write_metrics(home, run_id, rows)
 
     err = pd.concat(

@@ -75,6 +75,9 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("y", pa.float32()),
             pa.field("score", pa.float32()),
             pa.field("present", pa.bool_()),
+            # True where the landmark is present only because the method filled it in
+            # (e.g. D-ULD's heatmap fallback for a cluster absent in the image), not detected.
+            pa.field("fallback", pa.bool_()),
         ]
     ),
     # Pseudo-labels of a self-training round: cluster id per kept keypoint.
@@ -146,6 +149,10 @@ def _to_arrow(df: pd.DataFrame, kind: str, where: str) -> pa.Table:
                 f"column {f.name!r} of the {kind} table cannot be stored as {f.type}: {exc}",
                 where=where,
             ) from None
+# Columns added to a schema after tables of that kind were written: the value older
+# tables are read with (keypoints before `fallback` existed had no fallbacks flagged).
+ADDED_COLUMNS: dict[str, dict[str, Any]] = {"keypoints": {"fallback": False}}
+
         fields.append(f)
     for name in extra:
         col = pa.array(df[name], from_pandas=True)
@@ -223,3 +230,6 @@ def append_table(df: pd.DataFrame, path: str | Path, kind: str, replace_on: list
 def _require(path: Path) -> None:
     if not path.exists():
         raise StoreError(f"file not found", where=str(path), fix="run the stage that produces it first (see `uld --help`)")
+    for name, value in ADDED_COLUMNS.get(kind, {}).items():
+        if name not in df.columns:  # a table written before the column existed
+            df[name] = value

@@ -79,6 +79,17 @@ class EvalData:
     def n(self) -> int:
         return len(self.disc)
 
+    def without(self, drop: np.ndarray) -> "EvalData":
+        """The same split with the landmarks where ``drop`` (N, K) is True treated as missing.
+
+        Used to score fallback landmarks (filled in, not detected) as what they
+        are: missing, then handled by the usual missing-landmark rule.
+        """
+        drop = np.asarray(drop, dtype=bool)
+        if drop.shape != self.present.shape:
+            raise ConfigError(f"drop mask {drop.shape} must be (N, K) = {self.present.shape}", where="EvalData.without")
+        return EvalData(self.disc, self.present & ~drop, self.gt, self.norm, self.yaw, self.image_ids)
+
     @property
     def gt_exists(self) -> np.ndarray:
         return np.isfinite(self.gt).all(-1)

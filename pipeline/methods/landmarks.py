@@ -3,6 +3,10 @@
 Coordinates are in crop pixels of the feature store's crops (x right, y down,
 pixel ``i`` spans ``[i, i+1)`` so its centre is ``i + 0.5``). ``present`` marks
 which of the K landmarks a method found in an image; absent entries hold NaN.
+``fallback`` marks present landmarks that were *not detected* but filled in by
+a method's fallback rule (D-ULD: a cluster with no keypoint in the image gets
+the heatmap-weighted best match of its centroid); the evaluator scores them
+both as given and as missing, so a fallback never passes for a detection.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ from pipeline.errors import ConfigError
 
 @dataclass
 class LandmarkSet:
-    """K landmarks for N images: ``coords`` (N,K,2) float32, ``present`` (N,K) bool, ``scores`` (N,K) float32."""
+    """K landmarks for N images: ``coords`` (N,K,2) float32, ``present`` (N,K) bool, ``scores`` (N,K) float32,
+    ``fallback`` (N,K) bool (default all False: every present landmark was detected)."""
 
     coords: np.ndarray
     present: np.ndarray
     scores: np.ndarray
+    fallback: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.coords = np.asarray(self.coords, dtype=np.float32)
@@ -33,6 +39,10 @@ class LandmarkSet:
                 f"present {self.present.shape} and scores {self.scores.shape} must be (N, K) = {self.coords.shape[:2]}",
                 where="LandmarkSet",
             )
+        self.fallback = np.zeros(self.present.shape, bool) if self.fallback is None else np.asarray(self.fallback, dtype=bool)
+        if self.fallback.shape != self.present.shape:
+            raise ConfigError(f"fallback {self.fallback.shape} must be (N, K) = {self.present.shape}", where="LandmarkSet")
+        self.fallback = self.fallback & self.present  # only a present landmark can be a fallback
         # Absent landmarks carry NaN so that nobody uses a stale coordinate by accident.
         self.coords = np.where(self.present[..., None], self.coords, np.nan).astype(np.float32)
 
@@ -66,10 +76,11 @@ class LandmarkSet:
             np.concatenate([p.coords for p in parts]),
             np.concatenate([p.present for p in parts]),
             np.concatenate([p.scores for p in parts]),
+            np.concatenate([p.fallback for p in parts]),
         )
 
     def subset(self, idx: np.ndarray | slice) -> "LandmarkSet":
-        return LandmarkSet(self.coords[idx], self.present[idx], self.scores[idx])
+        return LandmarkSet(self.coords[idx], self.present[idx], self.scores[idx], self.fallback[idx])
 
     def missing_fraction(self) -> float:
         return float(1.0 - self.present.mean()) if self.present.size else 0.0
