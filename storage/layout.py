@@ -7,6 +7,7 @@
       manifests/<dataset>/skipped.parquet        items dropped by --skip-bad, with reasons
       datasets/<name>/                           generated datasets (synthetic)
       features/<dataset>/<backbone>.zarr/<config_hash>/   one Zarr group per feature config
+      features/<dataset>/<backbone>.zarr/<config_hash>.views-<hash>/  augmented training views (D-ULD)
       backbones/<name>/                          backbones trained here (save_pretrained)
       runs/<run_id>/config.json                  the run's full configuration
       runs/<run_id>/keypoints.parquet            discovered landmarks (original pixels)
@@ -69,6 +70,10 @@ class Workspace:
         return self.feature_root(dataset, backbone) / check_name("config hash", config_hash)
 
     # backbones ------------------------------------------------------------
+    def view_store(self, dataset: str, backbone: str, config_hash: str, views_hash: str) -> Path:
+        """Features of augmented training views, next to the main store ``config_hash`` (D-ULD bootstrapping)."""
+        return self.feature_root(dataset, backbone) / f"{check_name('config hash', config_hash)}.views-{check_name('views hash', views_hash)}"
+
     def backbone_dir(self, name: str) -> Path:
         return self.home / "backbones" / check_name("backbone", name)
 
