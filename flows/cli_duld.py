@@ -14,7 +14,8 @@ def format_nme_table(table) -> str:
     """The per-round NME table as text (NME in % of the normalising distance)."""
     if table is None or len(table) == 0:
         return "(no evaluated rounds yet)"
-    cols = [c for c in ("stage", "round", "nme_forward", "nme_backward", "fallback_train", "fallback_test") if c in table.columns]
+    cols = [c for c in ("stage", "round", "nme_forward", "nme_backward", "nme_forward_nofallback", "nme_backward_nofallback",
+                        "acc0.2_hungarian", "acc0.2_hungarian_nofallback", "fallback_train", "fallback_test") if c in table.columns]
     return table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}")
 
 
@@ -44,6 +45,12 @@ def register(app: typer.Typer) -> None:
         reduce_channels: ReduceChannels = None,
         roi: bool = typer.Option(True, "--roi/--no-roi", help="Keep keypoints inside each image's object box (as ZeroShot samples only RoI pixels)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+        n_views: int = typer.Option(4, "--views", help="Augmented views per training image for bootstrapping (their features are extracted once, next to the feature store); 0 = warp the cached maps instead (the old shortcut, for comparison)."),
+        flip: bool = typer.Option(False, "--flip/--no-flip", help="Mirror half of the views. Off by default: matching a crop to its mirror teaches the descriptor that left and right parts are the same."),
+        colour_jitter: float = typer.Option(0.0, "--colour-jitter", help="Brightness/contrast/saturation jitter strength of the views (factors in [1-j, 1+j]; 0 = none)."),
+        view_seed: int = typer.Option(0, "--view-seed", help="Seed of the augmented views (part of the view store's name)."),
+        threshold: Optional[float] = typer.Option(None, "--threshold", help="Detector gate: keep heatmap maxima above this sigmoid score (default: the method's)."),
+        relative_threshold: Optional[float] = typer.Option(None, "--relative-threshold", help="Detector gate: keep maxima of at least this fraction of the image's strongest one (default: the method's)."),
         threads: int = typer.Option(1, "--threads", help="torch CPU threads. 1 is fastest on a shared 2-core machine (more threads oversubscribe); raise it on an idle multi-core one."),
     ) -> None:
         """Train D-ULD on cached features and print forward/backward NME after every round.
@@ -58,17 +65,20 @@ def register(app: typer.Typer) -> None:
 
         from flows.cli import settings
         from flows.duld import duld
+        from pipeline.datasets.augment_views import ViewAugmentConfig
         from pipeline.settings import resolve_device
 
         s = settings(ctx)
         if resolve_device(s.device) != "cpu":
-            typer.echo("note: D-ULD heads train on the CPU in this version; --device is ignored by this command")
+            typer.echo("note: D-ULD heads train on the CPU in this version; --device is used only to extract the augmented views")
         spec = feature_spec(size, timesteps, layers, crop_margin, reduce_channels, s.seed, backbone=backbone, home=s.home)
         t0 = time.perf_counter()
         table = duld(
             dataset, backbone, spec, k=k, rounds=rounds, steps_per_round=steps_per_round, bootstrap_steps=bootstrap_steps,
             lr=lr, batch_size=batch_size, home=s.home, seed=s.seed, run_id=run_id, resume=resume, resolution=resolution,
-            channels=channels, descriptor_dim=descriptor_dim, progress=progress, threads=threads, roi=roi,
+            channels=channels, descriptor_dim=descriptor_dim, progress=progress, threads=threads, roi=roi, device=s.device,
+            views=ViewAugmentConfig(n_views=n_views, flip=flip, colour_jitter=colour_jitter, seed=view_seed) if n_views > 0 else None,
+            threshold=threshold, relative_threshold=relative_threshold,
         )
         typer.echo("\nD-ULD per-round NME (%), test split:")
         typer.echo(format_nme_table(table))

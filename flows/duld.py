@@ -49,6 +49,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.backbones.base import FeatureSpec
+from pipeline.datasets.augment_views import ViewAugmentConfig
 from pipeline.errors import ConfigError, StoreError
 from pipeline.heads.model import ULDHeads, ULDHeadsConfig
 from pipeline.methods.duld import (
@@ -101,6 +102,7 @@ class RunContext:
     eval_batch: int = 32
     rois: np.ndarray | None = None  # (len(store), 4) crop-px object boxes, or None = whole crop
 
+    views: Any = None  # storage.augmented_features.ViewStore of the training crops, or None (feature warps)
     @property
     def ws(self) -> Workspace:
         return Workspace(self.home)
@@ -122,6 +124,14 @@ def endless_batches(store: FeatureStore, rows: np.ndarray, batch_size: int, seed
 
 
 def ordered_batches(ctx: RunContext, rows: np.ndarray):
+def training_batches(ctx: RunContext, seed: int) -> Iterator[dict]:
+    """Endless shuffled training batches, each crop paired with one of its augmented views (if any)."""
+    from storage.augmented_features import attach_views
+
+    batches = endless_batches(ctx.store, ctx.train_rows, ctx.config.batch_size, seed=seed)
+    return batches if ctx.views is None else attach_views(batches, ctx.views, seed=seed)
+
+
     return make_loader(ctx.store, rows, batch_size=ctx.eval_batch, shuffle=False)
 
 
@@ -250,7 +260,7 @@ def pseudo_labels_task(ctx: RunContext, round_: int, kp: KeypointSet, centers: n
 def train_bootstrap_task(ctx: RunContext) -> tuple[ULDHeads, torch.optim.Optimizer]:
     model = build_model(ctx.heads, ctx.seed)
     optimizer = make_optimizer(model, ctx.config.lr)
-    batches = endless_batches(ctx.store, ctx.train_rows, ctx.config.batch_size, seed=ctx.seed)
+    batches = training_batches(ctx, seed=ctx.seed)
     t0 = time.perf_counter()
     records = train_bootstrap(model, optimizer, batches, ctx.config.bootstrap_steps, ctx.config, seeded_generator(ctx.seed, BOOTSTRAP, 0), ctx.progress)
     append_train_log(ctx, BOOTSTRAP, 0, records)
@@ -262,8 +272,8 @@ def train_bootstrap_task(ctx: RunContext) -> tuple[ULDHeads, torch.optim.Optimiz
 
 @task(name="train-round", cache_policy=NO_CACHE, persist_result=False)
 def train_round_task(ctx: RunContext, round_: int, model: ULDHeads, optimizer: torch.optim.Optimizer, pl: PseudoLabels) -> None:
-    """Step 3: detector MSE to pseudo-label heatmaps + contrastive descriptors, under the same warps."""
-    batches = endless_batches(ctx.store, ctx.train_rows, ctx.config.batch_size, seed=ctx.seed + 7919 * round_)
+    """Step 3: detector MSE to pseudo-label heatmaps + contrastive descriptors, on crop / view pairs."""
+    batches = training_batches(ctx, seed=ctx.seed + 7919 * round_)
     t0 = time.perf_counter()
     records = train_self_round(
         model, optimizer, batches, pl, ctx.config.steps_per_round, ctx.config, seeded_generator(ctx.seed, ROUND, round_), ctx.progress, desc=f"round {round_}"
@@ -398,6 +408,10 @@ def duld(
     continues). ``roi``: keep keypoints inside each image's object box (the
     manifest box mapped into the crop), as ZeroShot samples only RoI pixels.
     ``threads``: torch CPU threads for this run (None = leave as
+    views: ViewAugmentConfig | None = ViewAugmentConfig(),
+    threshold: float | None = None,
+    relative_threshold: float | None = None,
+    device: str = "auto",
     is); on a loaded 2-core machine 1 thread was ~25x faster per step than 2
     (OpenMP oversubscription, measured in bench/results/heads.md). Returns the
     per-round NME table.
@@ -412,7 +426,15 @@ def duld(
         torch.set_num_threads(max(1, int(threads)))
     if rounds < 0:
         raise ConfigError(f"rounds must be >= 0, got {rounds}", where="--rounds")
-    cfg = DULDConfig(k=k, lr=lr, batch_size=batch_size, bootstrap_steps=bootstrap_steps, steps_per_round=steps_per_round)
+    ``views``: how the augmented training views are drawn; their features are
+    extracted once into a view store next to the feature store (a subflow,
+    resumable; ``backbone`` must be the store's backbone, loaded on ``device``).
+    ``None`` warps the cached maps instead (the shortcut, for comparison).
+    ``threshold`` / ``relative_threshold``: the detector gates of
+    :func:`pipeline.heads.detector.nms_keypoints` (default: DULDConfig's).
+    Writes ``figures/duld-test-landmarks.png``, the last round's landmarks on test crops.
+    gates = {name: float(v) for name, v in (("threshold", threshold), ("relative_threshold", relative_threshold)) if v is not None}
+    cfg = DULDConfig(k=k, lr=lr, batch_size=batch_size, bootstrap_steps=bootstrap_steps, steps_per_round=steps_per_round, views=views, **gates)
     # A caller that already has the store (the demo, after extracting it) passes its path:
     # finding it from (backbone, spec) means loading and hashing the backbone again.
     store = FeatureStore.open(store_path) if store_path is not None else open_features(home, dataset, backbone, spec)
@@ -447,7 +469,14 @@ def duld(
         rois = np.zeros((len(store), 4), np.float32)
         for rows in (train_rows, test_rows):
             rois[rows] = store_rois(home, dataset, store, rows)
-    ctx = RunContext(home, run_id, dataset, store, train_rows, test_rows, cfg, heads, int(seed), progress, rois=rois)
+    view_store = None
+    if cfg.views is not None:
+        from flows.augmented_features import extract_view_features
+        from storage.augmented_features import ViewStore
+
+        path = extract_view_features(dataset, backbone, store.path, cfg.views, home=home, device=device)
+        view_store = ViewStore.open(path)
+    ctx = RunContext(home, run_id, dataset, store, train_rows, test_rows, cfg, heads, int(seed), progress, rois=rois, views=view_store)
     done = completed_rounds(ctx, rounds)
     if resuming:
         print(f"resuming run {run_id}: " + ("nothing finished yet" if done < 0 else f"rounds 0..{done} finished"))
@@ -467,15 +496,30 @@ def duld(
 
 
 def nme_table(home: str | Path, run_id: str) -> pd.DataFrame:
-    """Per-round forward / backward NME (%) of a D-ULD run, from metrics.parquet."""
+    """Per-round forward / backward NME (%), Hungarian accuracy and fallback share of a D-ULD run, from metrics.parquet."""
     from flows.results import metrics_table
 
     try:
+    last = completed_rounds(ctx, rounds)
+    if last >= 0:
+        from flows.figures import landmark_sheet
+
+        stage, _ = stage_of(last)
+        sheet = landmark_sheet(home, run_id, dataset, store.image_size, float(store.config["spec"]["crop_margin"]),
+                               ctx.ws.figures_dir(run_id) / "duld-test-landmarks.png", title=f"D-ULD {stage} {last}: landmarks on test crops",
+                               stage=stage, round_=last)
+        print(f"landmarks on test crops: {sheet}")
         m = metrics_table(home, run_id)
     except StoreError:
-        return pd.DataFrame(columns=["stage", "round", "nme_forward", "nme_backward", "fallback_train", "fallback_test"])
+        return pd.DataFrame(columns=["stage", "round", *NME_TABLE_METRICS, "fallback_train", "fallback_test"])
     m = m[m["method"] == METHOD]
-    piv = m[m["metric"].isin(["nme_forward", "nme_backward"])].pivot_table(index=["stage", "round"], columns="metric", values="value")
+    piv = m[m["metric"].isin(NME_TABLE_METRICS)].pivot_table(index=["stage", "round"], columns="metric", values="value")
+    piv = piv[[c for c in NME_TABLE_METRICS if c in piv.columns]]
+# What the per-round table shows: NME as written and with fallback landmarks treated as missing,
+# and the per-landmark Hungarian accuracy at 0.2 of the normaliser (both ways).
+NME_TABLE_METRICS = ["nme_forward", "nme_backward", "nme_forward_nofallback", "nme_backward_nofallback", "acc0.2_hungarian", "acc0.2_hungarian_nofallback"]
+
+
     fb = m[m["metric"] == "fallback_fraction"].pivot_table(index=["stage", "round"], columns="split", values="value")
     fb.columns = [f"fallback_{c}" for c in fb.columns]
     out = piv.join(fb, how="left").reset_index().sort_values("round").reset_index(drop=True)

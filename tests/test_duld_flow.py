@@ -76,16 +76,44 @@ def test_prediction_uses_fallback_for_absent_clusters_and_flags_it():
     assert pred.fallback.sum(1).min() >= 1
 
 
+def _with_view(batch: dict, seed: int = 1) -> dict:
+    """The batch plus a second view: here a known warp of its maps, with the transform a view store would carry."""
+    from pipeline.heads.augment import AugmentConfig, random_affine, warp_features
+
+    aff = random_affine(len(batch["index"]), AugmentConfig(), torch.Generator().manual_seed(seed))
+    n = len(batch["index"])
+    return {**batch, "view_features": warp_features(batch["features"], aff), "view_affine": aff, "view_flip": torch.zeros(n, dtype=torch.bool)}
+
+
 def test_bootstrap_reduces_its_loss_on_a_fixed_batch():
-    model = build_model(ULDHeadsConfig.from_feature_shapes(SHAPES, crop_size=16, channels=16, hidden=16, descriptor_dim=8), 0)
-    opt = make_optimizer(model, 3e-3)
-    batch = _batches(6)
-    cfg = DULDConfig(augment=DULDConfig().augment)
-    log = train_bootstrap(model, opt, iter([batch] * 60), 60, cfg, seeded_generator(0, "bootstrap", 0), progress=False)
-    first, last = np.mean([r["descriptor"] for r in log[:10]]), np.mean([r["descriptor"] for r in log[-10:]])
-    assert last < first - 0.1, (first, last)
+    batch = _with_view(_batches(6))
+    for cfg, b in ((DULDConfig(), batch), (DULDConfig(views=None), _batches(6))):  # view pairs, then the feature-warp shortcut
+        model = build_model(ULDHeadsConfig.from_feature_shapes(SHAPES, crop_size=16, channels=16, hidden=16, descriptor_dim=8), 0)
+        opt = make_optimizer(model, 3e-3)
+        log = train_bootstrap(model, opt, iter([b] * 60), 60, cfg, seeded_generator(0, "bootstrap", 0), progress=False)
+        first, last = np.mean([r["descriptor"] for r in log[:10]]), np.mean([r["descriptor"] for r in log[-10:]])
+        assert last < first - 0.1, (first, last)
     with pytest.raises(ConfigError, match="ran dry"):
-        train_bootstrap(model, opt, iter([batch]), 2, cfg, seeded_generator(0, "bootstrap", 0), progress=False)
+        train_bootstrap(model, opt, iter([batch]), 2, DULDConfig(), seeded_generator(0, "bootstrap", 0), progress=False)
+    # configured for views but given plain batches: an actionable error, not a silent fallback to warps
+    with pytest.raises(ConfigError, match="augmented views"):
+        train_bootstrap(model, opt, iter([_batches(6)]), 1, DULDConfig(), seeded_generator(0, "bootstrap", 0), progress=False)
+
+
+def test_self_training_keeps_flipped_views_out_of_the_descriptor_terms():
+    from pipeline.methods.duld import self_training_step
+
+    model = build_model(ULDHeadsConfig.from_feature_shapes(SHAPES, crop_size=16, channels=8, hidden=8, descriptor_dim=4), 0)
+    batch = _with_view(_batches(4))
+    coords = torch.tensor([[[4.0, 4.0], [8.0, 8.0], [12.0, 6.0]]]).expand(4, 3, 2).clone()
+    present = torch.ones(4, 3, dtype=torch.bool)
+    g = seeded_generator(0, "round", 1)
+    plain = self_training_step(model, batch, coords, present, DULDConfig(k=3), g)
+    flipped = self_training_step(model, {**batch, "view_flip": torch.ones(4, dtype=torch.bool)}, coords, present, DULDConfig(k=3), g)
+    # the detector term is the same (positions are positions), the descriptor terms lose view B
+    assert flipped["detector"].item() == pytest.approx(plain["detector"].item())
+    assert flipped["contrastive"].item() != pytest.approx(plain["contrastive"].item())
+    assert flipped["matching"].item() == 0.0  # no cell of a flipped view is matched
 
 
 def test_config_validation():

@@ -161,3 +161,18 @@ def test_refine_subcell_moves_towards_the_heavier_neighbour():
     r = refine_subcell(h, xy)
     assert r[0, 0].tolist() == pytest.approx([3.5, 2.0])
     assert r[0, 1].tolist() == pytest.approx([0.0, 5.0])
+
+
+def test_nms_relative_gate_filters_weak_maxima_per_image():
+    h = torch.zeros(2, 1, 8, 8)
+    h[0, 0, 1, 1], h[0, 0, 5, 5], h[0, 0, 1, 6] = 0.40, 0.30, 0.10  # a head far from peak 1 (short MSE training)
+    h[1, 0, 2, 2], h[1, 0, 6, 6] = 0.95, 0.90
+    kp = nms_keypoints(h, radius=1, top_k=4, threshold=0.05, relative=0.5)
+    assert kp.xy[0][kp.valid[0]].tolist() == [[1.0, 1.0], [5.0, 5.0]]  # 0.10 < 0.5 * 0.40
+    assert kp.xy[1][kp.valid[1]].tolist() == [[2.0, 2.0], [6.0, 6.0]]
+    # the absolute floor still applies: an image with no response keeps nothing
+    flat = torch.full((1, 1, 8, 8), 0.01)
+    flat[0, 0, 3, 3] = 0.02
+    assert not nms_keypoints(flat, 1, 4, threshold=0.05, relative=0.5).valid.any()
+    # the old gate (threshold 0, no relative) keeps every maximum
+    assert nms_keypoints(h, 1, 4, 0.0).valid[0].sum() == 3

@@ -47,11 +47,16 @@ class Keypoints:
     valid: torch.Tensor
 
 
-def nms_keypoints(heatmap: torch.Tensor, radius: int = 1, top_k: int = 32, threshold: float = 0.0) -> Keypoints:
-    """Max-pool NMS, then the ``top_k`` strongest local maxima above ``threshold``.
+def nms_keypoints(heatmap: torch.Tensor, radius: int = 1, top_k: int = 32, threshold: float = 0.0, relative: float = 0.0) -> Keypoints:
+    """Max-pool NMS, then the ``top_k`` strongest local maxima that pass the gates.
 
     A location survives when it equals the maximum of its ``(2r+1)^2``
-    neighbourhood (ties keep all, which is rare on real-valued maps).
+    neighbourhood (ties keep all, which is rare on real-valued maps) and its
+    score is ``> threshold`` (absolute, on the sigmoid heatmap) and
+    ``>= relative * (the image's highest score)``. The relative gate is what
+    filters on short CPU schedules, where a head trained with MSE towards
+    peak-1 Gaussians has not reached 1 yet (so an absolute 0.5 would keep
+    nothing) while its weak maxima still sit far below its strong ones.
     ``heatmap`` is (B, 1, R, R) or (B, R, R) of scores (after the sigmoid).
     Returns integer cell coordinates ``(col, row)`` as floats.
     """
@@ -59,7 +64,8 @@ def nms_keypoints(heatmap: torch.Tensor, radius: int = 1, top_k: int = 32, thres
         heatmap = heatmap[:, 0]
     B, H, W = heatmap.shape
     pooled = F.max_pool2d(heatmap[:, None], kernel_size=2 * radius + 1, stride=1, padding=radius)[:, 0]
-    keep = (heatmap == pooled) & (heatmap > threshold)
+    peak = heatmap.reshape(B, -1).amax(1).reshape(B, 1, 1)
+    keep = (heatmap == pooled) & (heatmap > threshold) & (heatmap >= relative * peak)
     scores = torch.where(keep, heatmap, torch.full_like(heatmap, -1.0)).reshape(B, -1)
     k = min(int(top_k), H * W)
     top, idx = scores.topk(k, dim=1)

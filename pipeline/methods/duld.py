@@ -6,16 +6,22 @@ directory and the evaluator.
 
 Stages
 ------
-1. :func:`train_bootstrap` -- SiLK-style keypoint learning between a crop's
-   cached maps and an affine warp of them (see ``pipeline.heads.augment`` for
-   why the maps, not the image, are warped): matching NLL for descriptors, BCE
-   on "matching succeeds here" for the detector.
+1. :func:`train_bootstrap` -- SiLK-style keypoint learning between a crop and
+   an augmented view of it (Sec 3.2: "correspondences between an image and
+   its augmentation"): the view's features come from the backbone run on the
+   rendered augmented image (a view store, ``pipeline.datasets.augment_views``),
+   and the stored affine gives the exact dense correspondence. Matching NLL
+   for descriptors, BCE on "matching succeeds here" for the detector. Without
+   a view store (``DULDConfig.views = None``) the older shortcut warps the
+   cached maps instead (``pipeline.heads.augment``), which needs no invariance
+   from the descriptor and is kept only for comparison.
 2. Each self-training round:
    :func:`extract_keypoints` (NMS + descriptors on all train crops) ->
    :func:`cluster_keypoints` (FAISS k-means, K clusters) ->
    :func:`pseudo_labels` (exemplar assignment: <= K keypoints per image with a
    cluster id) -> :func:`train_self_round` (detector MSE to Gaussian
-   pseudo-label heatmaps, contrastive descriptor loss with margin m, same warps)
+   pseudo-label heatmaps, contrastive descriptor loss with margin m, on the same
+   crop / view pairs)
    -> :func:`predict_landmarks` (K landmarks per image for evaluation).
 
 Paper settings (SD features, GPU): Adam lr 1e-4, betas (0.9, 0.999), batch 12,
@@ -32,6 +38,7 @@ import numpy as np
 import torch
 
 from pipeline.clustering import FaissKMeans, nearest_centroid
+from pipeline.datasets.augment_views import ViewAugmentConfig
 from pipeline.errors import ConfigError
 from pipeline.heads.augment import (
     AugmentConfig,
@@ -55,7 +62,10 @@ from pipeline.heads.model import ULDHeads, ULDHeadsConfig
 from pipeline.methods.exemplar import exemplar_assign
 from pipeline.methods.landmarks import LandmarkSet
 
-Batch = dict  # {"index": LongTensor (B,), "features": {key: float32 (B, C, h, w)}}
+# {"index": LongTensor (B,), "features": {key: float32 (B, C, h, w)}}, and with a view store also
+# "view_features" (same keys: one augmented view per crop), "view_affine" (B, 2, 3) normalised
+# coordinates crop -> view, "view_flip" (B,) bool (see storage.augmented_features.attach_views).
+Batch = dict
 
 
 @dataclass(frozen=True)
@@ -75,11 +85,13 @@ class DULDConfig:
     sigma: float = 1.0  # Gaussian pseudo-label heatmaps, in map cells
     top_k: int = 30  # keypoints per image fed to k-means
     nms_radius: int = 1
-    threshold: float = 0.0  # heatmap score threshold for keypoints
+    threshold: float = 0.0  # absolute heatmap (sigmoid) floor for keypoints, see nms_keypoints
+    relative_threshold: float = 0.0  # keep maxima >= this fraction of the image's strongest one
     fallback_temperature: float = 0.5  # see predict_landmarks
     kmeans_n_init: int = 3
     kmeans_max_iter: int = 50
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # feature warps (only without views)
+    views: ViewAugmentConfig | None = field(default_factory=ViewAugmentConfig)  # None = warp cached maps
 
     def __post_init__(self) -> None:
         for name in ("k", "batch_size", "top_k"):
@@ -104,6 +116,8 @@ class DULDConfig:
             aug = dict(aug)
             aug["scale_range"] = tuple(aug["scale_range"])
             d["augment"] = AugmentConfig(**aug)
+        if d.get("views") is not None:
+            d["views"] = ViewAugmentConfig.from_json(d["views"])
         return cls(**d)
 
 
@@ -131,16 +145,38 @@ def _steps(batches: Iterator[Batch], steps: int, desc: str, progress: bool) -> I
         yield step, batch
 
 
-def bootstrap_step(
-    model: ULDHeads, features: dict[str, torch.Tensor], config: DULDConfig, generator: torch.Generator
-) -> dict[str, torch.Tensor]:
-    """Losses of one bootstrapping step (view A = cached maps, view B = their warp)."""
+def second_view(
+    batch: Batch, config: DULDConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """The second view of a batch: ``(affine (B, 2, 3) normalised, its features, flip (B,))``.
+
+    With a view store the batch carries one augmented view per crop (features of
+    the augmented *image*, its exact transform); otherwise the cached maps are
+    warped (the shortcut, see ``pipeline.heads.augment``).
+    """
+    features = batch["features"]
     B = next(iter(features.values())).shape[0]
-    R = model.config.out_size
+    if "view_features" in batch:
+        return batch["view_affine"].float(), batch["view_features"], batch["view_flip"].bool()
+    if config.views is not None:
+        raise ConfigError(
+            "D-ULD is configured to learn from augmented views but the batch has none",
+            where="DULDConfig.views",
+            fix="pair the batches with their view store (storage.augmented_features.attach_views), or set views=None",
+        )
     affine = random_affine(B, config.augment, generator)
-    out_a = model(features)
-    out_b = model(warp_features(features, affine))
-    corr = dense_correspondence(affine, R)  # for each cell of B, its cell in A
+    return affine, warp_features(features, affine), torch.zeros(B, dtype=torch.bool)
+
+
+def bootstrap_step(model: ULDHeads, batch: Batch, config: DULDConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Losses of one bootstrapping step (view A = the crop, view B = its augmented view)."""
+    R = model.config.out_size
+    affine, view_feats, _ = second_view(batch, config, generator)
+    out_a = model(batch["features"])
+    out_b = model(view_feats)
+    # For each cell of B, its cell in A. A flipped view keeps its geometric correspondence:
+    # the crop's left eye matches the mirrored position (see ViewAugmentConfig.flip).
+    corr = dense_correspondence(affine, R)
     l_desc = matching_nll(out_a.descriptors, out_b.descriptors, corr, config.temperature)
     t_a, m_a, t_b, m_b = silk_detector_targets(out_a.descriptors.detach(), out_b.descriptors.detach(), corr, config.silk_tol)
     l_det = bce_detector_loss(out_a.logits, t_a, m_a) + bce_detector_loss(out_b.logits, t_b, m_b)
@@ -161,7 +197,7 @@ def train_bootstrap(
     model.train()
     log: list[dict[str, float]] = []
     for step, batch in _steps(batches, steps, "bootstrap", progress):
-        losses = bootstrap_step(model, batch["features"], config, generator)
+        losses = bootstrap_step(model, batch, config, generator)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()
@@ -206,18 +242,27 @@ class PseudoLabels:
 
 def self_training_step(
     model: ULDHeads,
-    features: dict[str, torch.Tensor],
+    batch: Batch,
     coords: torch.Tensor,
     present: torch.Tensor,
     config: DULDConfig,
     generator: torch.Generator,
 ) -> dict[str, torch.Tensor]:
-    """Losses of one self-training step on a batch with pseudo-labels (coords in crop px)."""
+    """Losses of one self-training step on a batch with pseudo-labels (coords in crop px).
+
+    The pseudo-labels of the crop are carried into its second view by the
+    view's transform. A *flipped* view keeps them for the detector (a landmark
+    is a landmark wherever it moved), but not for the descriptor terms: its
+    mirrored left eye looks like a right eye, and giving it the left eye's
+    cluster would teach left = right (Mallis et al. swap such labels with a
+    flip correspondence of the clusters instead; here they are left out).
+    """
+    features = batch["features"]
     B, K = present.shape
     R, S = model.config.out_size, model.config.crop_size
-    affine = random_affine(B, config.augment, generator)
+    affine, view_feats, flip = second_view(batch, config, generator)
     out_a = model(features)
-    out_b = model(warp_features(features, affine))
+    out_b = model(view_feats)
     pts_a = crop_to_normalised(coords, S)
     pts_b = warp_points(pts_a, affine)
     # a pseudo-label warped out of view is no longer a label of view B
@@ -229,13 +274,15 @@ def self_training_step(
     d_a = sample_descriptors(out_a.descriptors, pts_a)  # (B, K, D)
     d_b = sample_descriptors(out_b.descriptors, pts_b)
     labels = torch.arange(K).expand(B, K)
-    desc = torch.cat([d_a[present], d_b[present_b]])
-    lab = torch.cat([labels[present], labels[present_b]])
+    desc_b = present_b & ~flip[:, None]
+    desc = torch.cat([d_a[present], d_b[desc_b]])
+    lab = torch.cat([labels[present], labels[desc_b]])
     l_con = contrastive_loss(desc, lab, config.margin)
     loss = config.detector_weight * l_det + l_con
     out = {"detector": l_det, "contrastive": l_con}
     if config.match_weight > 0:
         corr = dense_correspondence(affine, R)
+        corr = torch.where(flip[:, None], torch.full_like(corr, -1), corr)  # same reason as above
         l_match = matching_nll(out_a.descriptors, out_b.descriptors, corr, config.temperature)
         loss = loss + config.match_weight * l_match
         out["matching"] = l_match
@@ -258,7 +305,7 @@ def train_self_round(
     log: list[dict[str, float]] = []
     for step, batch in _steps(batches, steps, desc, progress):
         coords, present = labels.lookup(batch["index"])
-        losses = self_training_step(model, batch["features"], coords, present, config, generator)
+        losses = self_training_step(model, batch, coords, present, config, generator)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()
@@ -316,7 +363,7 @@ def _detect(model: ULDHeads, features: dict[str, torch.Tensor], config: DULDConf
     if mask is not None:
         # keypoints only inside the object RoI (as ZeroShot samples only RoI pixels)
         heat = heat * mask[:, None].to(heat.dtype)
-    kp = nms_keypoints(heat, config.nms_radius, config.top_k, config.threshold)
+    kp = nms_keypoints(heat, config.nms_radius, config.top_k, config.threshold, config.relative_threshold)
     # descriptors at the peak cell; position refined to sub-cell precision
     pts = (2.0 * kp.xy + 1.0) / R - 1.0
     desc = sample_descriptors(out.descriptors, pts)
@@ -467,10 +514,11 @@ def predict_landmarks(
         fallback.append(~found)
     rows = np.concatenate(all_rows).astype(np.int64)
     co = np.concatenate(coords).astype(np.float32)
+    fb = np.concatenate(fallback)
     return Prediction(
         rows=rows,
-        landmarks=LandmarkSet(co, np.ones(co.shape[:2], bool), np.concatenate(scores)),
-        fallback=np.concatenate(fallback),
+        landmarks=LandmarkSet(co, np.ones(co.shape[:2], bool), np.concatenate(scores), fallback=fb),
+        fallback=fb,
     )
 
 
