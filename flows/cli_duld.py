@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
         n_views: int = typer.Option(4, "--views", help="Augmented views per training image for bootstrapping (their features are extracted once, next to the feature store); 0 = warp the cached maps instead (the old shortcut, for comparison)."),
         flip: bool = typer.Option(False, "--flip/--no-flip", help="Mirror half of the views. Off by default: matching a crop to its mirror teaches the descriptor that left and right parts are the same."),
         colour_jitter: float = typer.Option(0.0, "--colour-jitter", help="Brightness/contrast/saturation jitter strength of the views (factors in [1-j, 1+j]; 0 = none)."),
-        view_seed: int = typer.Option(0, "--view-seed", help="Seed of the augmented views (part of the view store's name)."),
+        view_seed: Optional[int] = typer.Option(None, "--view-seed", help="Seed of the augmented views (part of the view store's name); default: the global --seed."),
         threshold: Optional[float] = typer.Option(None, "--threshold", help="Detector gate: keep heatmap maxima above this sigmoid score (default: the method's)."),
         relative_threshold: Optional[float] = typer.Option(None, "--relative-threshold", help="Detector gate: keep maxima of at least this fraction of the image's strongest one (default: the method's)."),
         threads: int = typer.Option(1, "--threads", help="torch CPU threads. 1 is fastest on a shared 2-core machine (more threads oversubscribe); raise it on an idle multi-core one."),
@@ -77,7 +77,7 @@ def register(app: typer.Typer) -> None:
             dataset, backbone, spec, k=k, rounds=rounds, steps_per_round=steps_per_round, bootstrap_steps=bootstrap_steps,
             lr=lr, batch_size=batch_size, home=s.home, seed=s.seed, run_id=run_id, resume=resume, resolution=resolution,
             channels=channels, descriptor_dim=descriptor_dim, progress=progress, threads=threads, roi=roi, device=s.device,
-            views=ViewAugmentConfig(n_views=n_views, flip=flip, colour_jitter=colour_jitter, seed=view_seed) if n_views > 0 else None,
+            views=ViewAugmentConfig(n_views=n_views, flip=flip, colour_jitter=colour_jitter, seed=s.seed if view_seed is None else view_seed) if n_views > 0 else None,
             threshold=threshold, relative_threshold=relative_threshold,
         )
         typer.echo("\nD-ULD per-round NME (%), test split:")
