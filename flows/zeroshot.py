@@ -51,11 +51,15 @@ def resolve_store(
 
 
 def store_rois(home: str | Path, dataset: str, store: FeatureStore, indices: np.ndarray) -> np.ndarray:
-    """RoI boxes (n, 4) in crop pixels: each image's manifest object box mapped into its crop."""
+    """RoI boxes (n, 4) in crop pixels: each image's manifest object box mapped into its crop
+    and intersected with the part of the crop that shows the image (never the padding).
+
+    The one place RoIs are built: ZeroShot, D-ULD and the reference baselines all use it.
+    """
     import pandas as pd
 
     from flows.datasets import load_manifest
-    from pipeline.datasets.crop import to_crop
+    from pipeline.datasets.crop import clip_rois_to_image, to_crop
 
     idx = np.asarray(indices, dtype=np.int64)
     frames = []
@@ -70,8 +74,11 @@ def store_rois(home: str | Path, dataset: str, store: FeatureStore, indices: np.
             where=str(store.path),
             fix="the store was built from other manifests: re-run `uld features` for this dataset",
         )
-    b = frame.loc[ids, ["bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"]].to_numpy(np.float64).reshape(-1, 2, 2)
-    return to_crop(b, store.crop_boxes[idx], store.image_size).reshape(-1, 4)
+    rows = frame.loc[ids]
+    b = rows[["bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"]].to_numpy(np.float64).reshape(-1, 2, 2)
+    boxes = store.crop_boxes[idx]
+    rois = to_crop(b, boxes, store.image_size).reshape(-1, 4)
+    return clip_rois_to_image(rois, rows[["width", "height"]].to_numpy(np.float64), boxes, store.image_size)
 
 
 def object_masks(store: FeatureStore, indices: np.ndarray, roi: str, batch_size: int = 32) -> np.ndarray | None:

@@ -7,7 +7,16 @@ import pytest
 from PIL import Image
 
 from pipeline.datasets import get_loader
-from pipeline.datasets.crop import crop_boxes, crop_image, load_crops, to_crop, to_original
+from pipeline.datasets.crop import (
+    CROP_RULE,
+    clip_rois_to_image,
+    crop_boxes,
+    crop_image,
+    image_rect_in_crop,
+    load_crops,
+    to_crop,
+    to_original,
+)
 from pipeline.errors import ConfigError, DatasetError
 
 
@@ -53,14 +62,62 @@ def test_drawn_point_lands_at_to_crop(box, size):
     np.testing.assert_allclose(centroid, expected, atol=0.05)
 
 
-def test_identity_crop_and_edge_replication():
+def test_identity_crop_and_constant_fill_past_the_border():
     rng = np.random.default_rng(1)
     img = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
     np.testing.assert_array_equal(crop_image(img, (10, 5, 42, 37), 32), img[5:37, 10:42])
     out = crop_image(img, (-20, -20, 60, 60), 80)  # box bigger than the image
     np.testing.assert_array_equal(out[20:60, 20:70], img)
-    np.testing.assert_array_equal(out[:20, 25], np.broadcast_to(img[0, 5], (20, 3)))  # top border replicated
-    np.testing.assert_array_equal(out[30, :20], np.broadcast_to(img[10, 0], (20, 3)))  # left border replicated
+    fill = np.round(img.reshape(-1, 3).mean(0)).astype(np.uint8)  # the box reads the whole image
+    pad = np.ones((80, 80), bool)
+    pad[20:60, 20:70] = False
+    # Every padding pixel has the one constant colour: no streaks of replicated edges.
+    np.testing.assert_array_equal(out[pad], np.broadcast_to(fill, (pad.sum(), 3)))
+    assert not (out[:20, 25] == img[0, 5]).all(axis=-1).all()  # top border not replicated
+    assert not (out[30, :20] == img[10, 0]).all(axis=-1).all()  # left border not replicated
+
+
+def test_fill_is_the_mean_of_the_image_pixels_the_crop_reads():
+    img = np.zeros((60, 60, 3), np.uint8)
+    img[:, :30] = (200, 100, 0)  # the left half is orange, the right half black
+    # The box (x -20..40) reads image columns 0..42 (3 px of kernel pad): 30 orange, 13 black.
+    out = crop_image(img, (-20, 0, 40, 60), 60)
+    expected = np.round(np.array([200, 100, 0]) * 30 / 43).astype(np.uint8)
+    np.testing.assert_array_equal(out[:, :18], np.broadcast_to(expected, (60, 18, 3)))  # crop x < 18: orig x < -2
+    np.testing.assert_array_equal(out[:, 22:48], np.broadcast_to([200, 100, 0], (60, 26, 3)))  # the image itself
+
+
+def test_image_rect_and_clipped_rois_exclude_the_padding():
+    box = np.array([[-20.0, -10.0, 80.0, 90.0]])  # crop box of a 60 x 70 (w x h) image, S = 50 -> 2 px per crop px
+    rect = image_rect_in_crop(np.array([[60, 70]]), box, 50)
+    np.testing.assert_allclose(rect, [[10.0, 5.0, 40.0, 40.0]])
+    rois = np.array([[0.0, 0.0, 30.0, 30.0], [20.0, 20.0, 48.0, 45.0], [42.0, 42.0, 49.0, 49.0]])
+    clipped = clip_rois_to_image(rois, np.repeat([[60, 70]], 3, 0), np.repeat(box, 3, 0), 50)
+    np.testing.assert_allclose(clipped[0], [10.0, 5.0, 30.0, 30.0])
+    np.testing.assert_allclose(clipped[1], [20.0, 20.0, 40.0, 40.0])
+    np.testing.assert_allclose(clipped[2], rect[0])  # wholly in the padding -> the in-image part
+    # The crop's padding lies outside the rectangle: its pixels are the constant fill.
+    img = np.random.default_rng(0).integers(0, 255, (70, 60, 3), dtype=np.uint8)
+    crop = crop_image(img, box[0], 50)
+    assert (crop[:, :9] == crop[0, 0]).all() and (crop[41:] == crop[0, 0]).all()
+    with pytest.raises(ConfigError):
+        clip_rois_to_image(rois, np.array([[60, 70]]), box, 50)
+
+
+def test_the_crop_rule_is_part_of_the_feature_spec():
+    import hashlib
+    import json
+
+    from pipeline.backbones.base import FeatureSpec
+
+    spec = FeatureSpec()
+    assert spec.to_json()["crop_rule"] == CROP_RULE == 2
+    # A store named before the rule was recorded (same spec, no crop_rule) is never found again.
+    old = {k: v for k, v in spec.to_json().items() if k != "crop_rule"}
+    old_hash = hashlib.sha256(json.dumps({"spec": old, "backbone": {}}, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    assert spec.config_hash({}) != old_hash
+    with pytest.raises(ConfigError, match="crop rule 1"):
+        FeatureSpec(crop_rule=1)
 
 
 def test_load_crops_from_manifest(tmp_path):

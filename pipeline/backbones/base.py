@@ -7,11 +7,22 @@ Feature keys are ``"{layer}@t{timestep}"``; each value is a float tensor
 from __future__ import annotations
 
 import abc
+import dataclasses
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 
 import torch
+
+from pipeline.errors import ConfigError
+
+
+def _current_crop_rule() -> int:
+    # Imported on use: the contract stays cheap to import and independent of the datasets package.
+    from pipeline.datasets.crop import CROP_RULE
+
+    return CROP_RULE
 
 
 def feature_key(layer: str, timestep: int) -> str:
@@ -33,6 +44,18 @@ class FeatureSpec:
     crop_margin: float = 0.15
     noise_seed: int = 0
     reduce_channels: int | None = None  # fixed random projection per layer, None = keep all
+    # The crop rule the features were computed with (pipeline.datasets.crop.CROP_RULE).
+    # In the spec, hence in the store hash: changing how crops are made never reuses old stores.
+    crop_rule: int = field(default_factory=lambda: _current_crop_rule())
+
+    def __post_init__(self) -> None:
+        current = _current_crop_rule()
+        if self.crop_rule != current:
+            raise ConfigError(
+                f"feature spec asks for crop rule {self.crop_rule}, but this version crops with rule {current}",
+                where="FeatureSpec.crop_rule",
+                fix="leave crop_rule at its default; features of older crop rules cannot be recomputed (re-run `uld features`)",
+            )
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -77,6 +100,28 @@ class DiffusionBackbone(abc.ABC):
     @property
     @abc.abstractmethod
     def device(self) -> torch.device: ...
+
+    def feature_timesteps(self, timesteps: Sequence[int]) -> list[int]:
+        """The timesteps of the keys :meth:`extract` returns when asked for ``timesteps``.
+
+        A diffusion backbone returns exactly the ones asked for. A feature
+        extractor that does not noise its input (``pixels``) returns one
+        placeholder, so its stores hold each layer once, not once per timestep.
+        """
+        return [int(t) for t in timesteps]
+
+    def canonical_spec(self, spec: FeatureSpec) -> FeatureSpec:
+        """``spec`` with the fields this backbone ignores set to one value.
+
+        Feature stores are named after the canonical spec, so specs that give
+        the same features share one store (for diffusion backbones: ``spec`` itself).
+        """
+        ts = tuple(self.feature_timesteps(spec.timesteps))
+        return spec if ts == tuple(spec.timesteps) else dataclasses.replace(spec, timesteps=ts)
+
+    def notes(self) -> list[str]:
+        """Plain sentences for `uld backbone info` about how this backbone reads a feature spec."""
+        return []
 
 
 def weights_hash(module: torch.nn.Module) -> str:

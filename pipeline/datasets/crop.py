@@ -13,10 +13,17 @@ the crop's ``[0, S) x [0, S)`` and
 hold for every point, with no half-pixel terms. Horizontal flips are
 ``x -> S - x`` in crop pixels.
 
-Pixels of the crop that fall outside the image are filled by **edge
-replication** (the nearest border pixel), not zeros: a black frame is a strong
-artificial edge that feature extractors and clustering latch onto, whereas
-replicated borders carry no new structure.
+Pixels of the crop that fall outside the image (tight face crops: AFLW's
+150 px images, MTFL) are filled with **one constant colour: the mean colour of
+the image pixels the crop reads** (crop rule 2, :data:`CROP_RULE`). Rule 1 was
+edge replication, which paints the border pixels into streaks across the
+padding: structure that is not in the scene, and that features and clustering
+latch onto. A constant carries no structure; the image's own mean (rather than
+black or mid-grey) keeps the step at the image border as small as a constant
+can on average, so features of object pixels next to the border are disturbed
+least. What is padding is known exactly: :func:`image_rect_in_crop` gives the
+in-image rectangle of each crop, and :func:`clip_rois_to_image` intersects
+object RoIs with it so padding is never sampled as object.
 """
 
 from __future__ import annotations
@@ -33,6 +40,11 @@ from tqdm.auto import tqdm
 from pipeline.datasets.base import Manifest
 from pipeline.datasets.images import read_image
 from pipeline.errors import ConfigError, DatasetError
+
+#: Version of the rule that turns (image, crop box, size) into crop pixels; it is
+#: part of every FeatureSpec (hence of feature-store names), so stores made with
+#: an older rule are never reused. 1 = edge replication, 2 = mean-colour fill.
+CROP_RULE = 2
 
 
 def crop_boxes(bboxes: np.ndarray, margin: float) -> np.ndarray:
@@ -93,14 +105,26 @@ def to_original(points: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
     return out[0] if single else out
 
 
+def padding_fill(inside: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """The constant colour (3,) uint8 for crop pixels outside the image.
+
+    The mean colour of ``inside`` (the image pixels the crop reads); when the
+    box misses the image entirely, the whole image's mean.
+    """
+    src = inside if inside.size else image
+    return np.round(src.reshape(-1, 3).mean(axis=0, dtype=np.float64)).astype(np.uint8)
+
+
 def crop_image(image: np.ndarray, box: Sequence[float], size: int) -> np.ndarray:
     """Resample ``box`` of ``image`` (uint8 H x W x 3) to a (size, size, 3) uint8 crop.
 
     Bilinear interpolation (PIL's, which widens its kernel when shrinking, so
     large faces are low-pass filtered instead of aliased). Only the pixels the
-    kernel can touch are gathered, with indices clamped to the image: this is
-    the edge replication for the parts of the box outside the image, and keeps
-    the cost proportional to the box, not the image.
+    kernel can touch are gathered, which keeps the cost proportional to the
+    box, not the image. Where the box reaches past the image the gathered
+    region is filled with :func:`padding_fill` (crop rule 2, see the module
+    doc); crop pixels near the image border blend image and fill over one
+    kernel width, like any resampled edge.
     """
     img = np.asarray(image)
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
@@ -116,11 +140,54 @@ def crop_image(image: np.ndarray, box: Sequence[float], size: int) -> np.ndarray
     pad = int(math.ceil(max((x1 - x0) / size, (y1 - y0) / size, 1.0))) + 2
     ix0, iy0 = int(math.floor(x0)) - pad, int(math.floor(y0)) - pad
     ix1, iy1 = int(math.ceil(x1)) + pad, int(math.ceil(y1)) + pad
-    cols = np.clip(np.arange(ix0, ix1), 0, width - 1)
-    rows = np.clip(np.arange(iy0, iy1), 0, height - 1)
-    region = img[rows[:, None], cols[None, :]]
+    # The in-image part of the gathered region [iy0, iy1) x [ix0, ix1), as slices of both.
+    cx0, cy0 = min(max(ix0, 0), width), min(max(iy0, 0), height)
+    cx1, cy1 = max(min(ix1, width), cx0), max(min(iy1, height), cy0)
+    inside = img[cy0:cy1, cx0:cx1]
+    if (cx0, cy0, cx1, cy1) == (ix0, iy0, ix1, iy1):
+        region = inside
+    else:
+        region = np.empty((iy1 - iy0, ix1 - ix0, 3), np.uint8)
+        region[:] = padding_fill(inside, img)
+        if inside.size:  # (a box that misses the image entirely is all fill)
+            region[cy0 - iy0 : cy1 - iy0, cx0 - ix0 : cx1 - ix0] = inside
     out = Image.fromarray(np.ascontiguousarray(region)).resize((size, size), resample=Image.Resampling.BILINEAR, box=(x0 - ix0, y0 - iy0, x1 - ix0, y1 - iy0))
     return np.asarray(out, dtype=np.uint8)
+
+
+def image_rect_in_crop(image_sizes: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+    """(N, 4) rectangle ``(x0, y0, x1, y1)`` in crop px where each crop shows its image.
+
+    ``image_sizes`` (N, 2) are the images' (width, height) (manifest columns
+    ``width``, ``height``), ``boxes`` (N, 4) the crop boxes. The image covers
+    ``[0, W) x [0, H)`` in original pixels; outside this rectangle the crop is
+    padding (the constant fill), so it is the crop's validity mask. Not clipped
+    to the crop: a rectangle wider than ``[0, S)`` means no padding on that side.
+    """
+    wh = np.asarray(image_sizes, dtype=np.float64).reshape(-1, 2)
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if len(wh) != len(b):
+        raise ConfigError(f"got {len(wh)} image sizes for {len(b)} crop boxes", where="image_rect_in_crop")
+    corners = np.stack([np.zeros_like(wh), wh], axis=1)  # (N, 2 corners, xy)
+    return to_crop(corners, b, size).reshape(-1, 4)
+
+
+def clip_rois_to_image(rois: np.ndarray, image_sizes: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+    """Object RoIs (N, 4) in crop px intersected with the in-image rectangle of each crop.
+
+    Every method samples or keeps points inside the RoI, so after this no
+    padding pixel can become a landmark. An object box lying wholly outside
+    its image (a broken annotation) leaves an empty intersection; that image
+    gets its in-image rectangle instead, so its points are still image pixels.
+    """
+    r = np.asarray(rois, dtype=np.float64).reshape(-1, 4)
+    rect = image_rect_in_crop(image_sizes, boxes, size)
+    if len(rect) != len(r):
+        raise ConfigError(f"got {len(r)} RoIs for {len(rect)} crop boxes", where="clip_rois_to_image")
+    out = np.concatenate([np.maximum(r[:, :2], rect[:, :2]), np.minimum(r[:, 2:], rect[:, 2:])], axis=1)
+    empty = (out[:, 2] <= out[:, 0]) | (out[:, 3] <= out[:, 1]) | ~np.isfinite(out).all(axis=1)
+    out[empty] = rect[empty]
+    return out.astype(np.float32)
 
 
 def load_crops(
