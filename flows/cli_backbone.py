@@ -94,13 +94,15 @@ def register(app: typer.Typer) -> None:
         from flows.cli_options import int_list, str_list
 
         s = settings(ctx)
-        ts = list(int_list(timesteps, "--timesteps"))
         model = load_backbone(spec, "cpu", home=s.home)
+        ts = model.feature_timesteps(int_list(timesteps, "--timesteps"))  # `pixels`: one placeholder t0
         chosen = list(str_list(layers)) or model.default_layers()
         all_shapes = model.feature_shapes(size, model.layer_names())
         typer.echo(f"backbone:  {backbone_name(spec)} ({type(model).__name__})")
         for k, v in model.identity().items():
             typer.echo(f"  {k}: {v}")
+        for line in model.notes():
+            typer.echo(f"  note: {line}")
         typer.echo(f"layers at {size} px (C, h, w); * = default:")
         defaults = set(model.default_layers())
         for layer, shape in all_shapes.items():

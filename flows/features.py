@@ -117,6 +117,7 @@ class StorePlan:
 
 def plan_store(dataset: str, backbone: "DiffusionBackbone", backbone_name: str, spec: FeatureSpec, manifest: "Manifest") -> StorePlan:
     """Resolve layers, keys, stored shapes, projections, the full config and its hash."""
+    spec = backbone.canonical_spec(spec)  # e.g. `pixels` ignores timesteps: one store whatever --timesteps says
     identity = backbone.identity()
     layers = list(spec.layers) or list(backbone.default_layers())
     layer_shapes = backbone.feature_shapes(spec.image_size, layers)

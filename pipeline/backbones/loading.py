@@ -3,6 +3,8 @@
 A spec is one of:
 
 - ``"shipped"``: the small category DDPM committed in ``pipeline/assets/``;
+- ``"pixels"``: no diffusion model, fixed image descriptors
+  (:mod:`pipeline.backbones.pixels`), the image-only reference;
 - a local directory: a DDPM (``unet/`` + ``scheduler/``, e.g. written by
   ``uld backbone train``) or a Stable Diffusion pipeline folder (``unet/``,
   ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``);
@@ -21,6 +23,7 @@ from pipeline.backbones.base import DiffusionBackbone
 from pipeline.errors import BackboneError
 
 SHIPPED = "shipped"
+PIXELS = "pixels"
 SHIPPED_DIR_NAME = "ddpm-synthetic-64"
 
 
@@ -90,9 +93,11 @@ def _hub_layout(repo_id: str) -> str:
 
 
 def resolve_spec(spec: str, home: str | Path | None = None) -> tuple[str, str | Path]:
-    """``(kind, source)`` for a spec: kind is ``ddpm`` / ``stable-diffusion``; source a dir or hub id."""
+    """``(kind, source)`` for a spec: kind is ``ddpm`` / ``stable-diffusion`` / ``pixels``; source a dir or hub id."""
     if not spec:
-        raise BackboneError("empty backbone spec", where="--backbone", fix="use `shipped`, a folder or a hub id")
+        raise BackboneError("empty backbone spec", where="--backbone", fix="use `shipped`, `pixels`, a folder or a hub id")
+    if spec == PIXELS:  # built in, like `shipped`: a folder of that name does not shadow it
+        return "pixels", PIXELS
     if spec == SHIPPED:
         path = shipped_dir()
         if not (path / "uld_backbone.json").is_file():
@@ -121,7 +126,7 @@ def resolve_spec(spec: str, home: str | Path | None = None) -> tuple[str, str | 
     raise BackboneError(
         f"backbone {spec!r} not found",
         where=str(path.resolve()) if not path.is_absolute() else str(path),
-        fix="pass `shipped`, an existing folder (DDPM or Stable Diffusion layout), the name of a backbone "
+        fix="pass `shipped`, `pixels`, an existing folder (DDPM or Stable Diffusion layout), the name of a backbone "
         "trained in the workspace, or a hub id like owner/model",
     )
 
@@ -130,6 +135,10 @@ def load_backbone(spec: str, device: str = "cpu", home: str | Path | None = None
     """Load the backbone named by ``spec`` (see the module doc) onto ``device``."""
     kind, source = resolve_spec(spec, home)
     name = backbone_name(spec)
+    if kind == "pixels":
+        from pipeline.backbones.pixels import PixelFeatures
+
+        return PixelFeatures(device=device, name=name)
     if kind == "ddpm":
         from pipeline.backbones.ddpm import CategoryDDPM
 
@@ -143,8 +152,8 @@ def backbone_name(spec: str) -> str:
     """A directory-safe name for a spec: ``shipped``, the folder's name, or the hub id with '/' -> '--'."""
     from storage.layout import check_name
 
-    if spec == SHIPPED:
-        return SHIPPED
+    if spec in (SHIPPED, PIXELS):
+        return spec
     path = Path(spec).expanduser()
     if path.exists() or spec.startswith((".", "/", "~")) or "\\" in spec:
         raw = path.resolve().name if path.exists() else path.name
