@@ -101,8 +101,8 @@ class RunContext:
     progress: bool = True
     eval_batch: int = 32
     rois: np.ndarray | None = None  # (len(store), 4) crop-px object boxes, or None = whole crop
-
     views: Any = None  # storage.augmented_features.ViewStore of the training crops, or None (feature warps)
+
     @property
     def ws(self) -> Workspace:
         return Workspace(self.home)
@@ -123,7 +123,6 @@ def endless_batches(store: FeatureStore, rows: np.ndarray, batch_size: int, seed
         epoch += 1
 
 
-def ordered_batches(ctx: RunContext, rows: np.ndarray):
 def training_batches(ctx: RunContext, seed: int) -> Iterator[dict]:
     """Endless shuffled training batches, each crop paired with one of its augmented views (if any)."""
     from storage.augmented_features import attach_views
@@ -132,6 +131,7 @@ def training_batches(ctx: RunContext, seed: int) -> Iterator[dict]:
     return batches if ctx.views is None else attach_views(batches, ctx.views, seed=seed)
 
 
+def ordered_batches(ctx: RunContext, rows: np.ndarray):
     return make_loader(ctx.store, rows, batch_size=ctx.eval_batch, shuffle=False)
 
 
@@ -399,6 +399,10 @@ def duld(
     threads: int | None = None,
     roi: bool = True,
     store_path: str | Path | None = None,
+    views: ViewAugmentConfig | None = ViewAugmentConfig(),
+    threshold: float | None = None,
+    relative_threshold: float | None = None,
+    device: str = "auto",
 ) -> pd.DataFrame:
     """Train D-ULD on a dataset's cached features and evaluate every round.
 
@@ -408,15 +412,18 @@ def duld(
     continues). ``roi``: keep keypoints inside each image's object box (the
     manifest box mapped into the crop), as ZeroShot samples only RoI pixels.
     ``threads``: torch CPU threads for this run (None = leave as
-    views: ViewAugmentConfig | None = ViewAugmentConfig(),
-    threshold: float | None = None,
-    relative_threshold: float | None = None,
-    device: str = "auto",
     is); on a loaded 2-core machine 1 thread was ~25x faster per step than 2
     (OpenMP oversubscription, measured in bench/results/heads.md). Returns the
     per-round NME table.
     ``store_path``: read this feature store directly instead of
     looking it up from ``backbone`` and ``spec``.
+    ``views``: how the augmented training views are drawn; their features are
+    extracted once into a view store next to the feature store (a subflow,
+    resumable; ``backbone`` must be the store's backbone, loaded on ``device``).
+    ``None`` warps the cached maps instead (the shortcut, for comparison).
+    ``threshold`` / ``relative_threshold``: the detector gates of
+    :func:`pipeline.heads.detector.nms_keypoints` (default: DULDConfig's).
+    Writes ``figures/duld-test-landmarks.png``, the last round's landmarks on test crops.
     """
     from flows.features import open_features
     from flows.results import write_run_config
@@ -426,13 +433,6 @@ def duld(
         torch.set_num_threads(max(1, int(threads)))
     if rounds < 0:
         raise ConfigError(f"rounds must be >= 0, got {rounds}", where="--rounds")
-    ``views``: how the augmented training views are drawn; their features are
-    extracted once into a view store next to the feature store (a subflow,
-    resumable; ``backbone`` must be the store's backbone, loaded on ``device``).
-    ``None`` warps the cached maps instead (the shortcut, for comparison).
-    ``threshold`` / ``relative_threshold``: the detector gates of
-    :func:`pipeline.heads.detector.nms_keypoints` (default: DULDConfig's).
-    Writes ``figures/duld-test-landmarks.png``, the last round's landmarks on test crops.
     gates = {name: float(v) for name, v in (("threshold", threshold), ("relative_threshold", relative_threshold)) if v is not None}
     cfg = DULDConfig(k=k, lr=lr, batch_size=batch_size, bootstrap_steps=bootstrap_steps, steps_per_round=steps_per_round, views=views, **gates)
     # A caller that already has the store (the demo, after extracting it) passes its path:
@@ -490,16 +490,6 @@ def duld(
     for r in range(done + 1, limit + 1):
         round_flow.with_options(name=f"round-{r}", flow_run_name=f"round-{r}")(ctx, r)
     print(f"D-ULD run {run_id} finished in {time.perf_counter() - t0:.0f} s")
-    table = nme_table(home, run_id)
-    table.attrs["run_id"] = run_id
-    return table
-
-
-def nme_table(home: str | Path, run_id: str) -> pd.DataFrame:
-    """Per-round forward / backward NME (%), Hungarian accuracy and fallback share of a D-ULD run, from metrics.parquet."""
-    from flows.results import metrics_table
-
-    try:
     last = completed_rounds(ctx, rounds)
     if last >= 0:
         from flows.figures import landmark_sheet
@@ -509,17 +499,27 @@ def nme_table(home: str | Path, run_id: str) -> pd.DataFrame:
                                ctx.ws.figures_dir(run_id) / "duld-test-landmarks.png", title=f"D-ULD {stage} {last}: landmarks on test crops",
                                stage=stage, round_=last)
         print(f"landmarks on test crops: {sheet}")
+    table = nme_table(home, run_id)
+    table.attrs["run_id"] = run_id
+    return table
+
+
+# What the per-round table shows: NME as written and with fallback landmarks treated as missing,
+# and the per-landmark Hungarian accuracy at 0.2 of the normaliser (both ways).
+NME_TABLE_METRICS = ["nme_forward", "nme_backward", "nme_forward_nofallback", "nme_backward_nofallback", "acc0.2_hungarian", "acc0.2_hungarian_nofallback"]
+
+
+def nme_table(home: str | Path, run_id: str) -> pd.DataFrame:
+    """Per-round forward / backward NME (%), Hungarian accuracy and fallback share of a D-ULD run, from metrics.parquet."""
+    from flows.results import metrics_table
+
+    try:
         m = metrics_table(home, run_id)
     except StoreError:
         return pd.DataFrame(columns=["stage", "round", *NME_TABLE_METRICS, "fallback_train", "fallback_test"])
     m = m[m["method"] == METHOD]
     piv = m[m["metric"].isin(NME_TABLE_METRICS)].pivot_table(index=["stage", "round"], columns="metric", values="value")
     piv = piv[[c for c in NME_TABLE_METRICS if c in piv.columns]]
-# What the per-round table shows: NME as written and with fallback landmarks treated as missing,
-# and the per-landmark Hungarian accuracy at 0.2 of the normaliser (both ways).
-NME_TABLE_METRICS = ["nme_forward", "nme_backward", "nme_forward_nofallback", "nme_backward_nofallback", "acc0.2_hungarian", "acc0.2_hungarian_nofallback"]
-
-
     fb = m[m["metric"] == "fallback_fraction"].pivot_table(index=["stage", "round"], columns="split", values="value")
     fb.columns = [f"fallback_{c}" for c in fb.columns]
     out = piv.join(fb, how="left").reset_index().sort_values("round").reset_index(drop=True)

@@ -69,11 +69,11 @@ class Workspace:
     def feature_store(self, dataset: str, backbone: str, config_hash: str) -> Path:
         return self.feature_root(dataset, backbone) / check_name("config hash", config_hash)
 
-    # backbones ------------------------------------------------------------
     def view_store(self, dataset: str, backbone: str, config_hash: str, views_hash: str) -> Path:
         """Features of augmented training views, next to the main store ``config_hash`` (D-ULD bootstrapping)."""
         return self.feature_root(dataset, backbone) / f"{check_name('config hash', config_hash)}.views-{check_name('views hash', views_hash)}"
 
+    # backbones ------------------------------------------------------------
     def backbone_dir(self, name: str) -> Path:
         return self.home / "backbones" / check_name("backbone", name)
 

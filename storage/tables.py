@@ -120,6 +120,10 @@ SCHEMAS: dict[str, pa.Schema] = {
     ),
 }
 
+# Columns added to a schema after tables of that kind were written: the value older
+# tables are read with (keypoints before `fallback` existed had no fallbacks flagged).
+ADDED_COLUMNS: dict[str, dict[str, Any]] = {"keypoints": {"fallback": False}}
+
 _META_KEY = b"uld"
 
 
@@ -149,10 +153,6 @@ def _to_arrow(df: pd.DataFrame, kind: str, where: str) -> pa.Table:
                 f"column {f.name!r} of the {kind} table cannot be stored as {f.type}: {exc}",
                 where=where,
             ) from None
-# Columns added to a schema after tables of that kind were written: the value older
-# tables are read with (keypoints before `fallback` existed had no fallbacks flagged).
-ADDED_COLUMNS: dict[str, dict[str, Any]] = {"keypoints": {"fallback": False}}
-
         fields.append(f)
     for name in extra:
         col = pa.array(df[name], from_pandas=True)
@@ -201,6 +201,9 @@ def read_table(path: str | Path, kind: str) -> pd.DataFrame:
         df = pq.read_table(path).to_pandas()
     except (pa.ArrowInvalid, OSError) as exc:
         raise StoreError(f"corrupt Parquet file: {exc}", where=str(path), fix="delete it and re-run the stage that writes it") from None
+    for name, value in ADDED_COLUMNS.get(kind, {}).items():
+        if name not in df.columns:  # a table written before the column existed
+            df[name] = value
     missing = [n for n in table_schema(kind).names if n not in df.columns]
     if missing:
         raise StoreError(f"{kind} table lacks columns {missing}", where=str(path), fix="re-run the stage that writes it")
@@ -230,6 +233,3 @@ def append_table(df: pd.DataFrame, path: str | Path, kind: str, replace_on: list
 def _require(path: Path) -> None:
     if not path.exists():
         raise StoreError(f"file not found", where=str(path), fix="run the stage that produces it first (see `uld --help`)")
-    for name, value in ADDED_COLUMNS.get(kind, {}).items():
-        if name not in df.columns:  # a table written before the column existed
-            df[name] = value
