@@ -80,6 +80,27 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("fallback", pa.bool_()),
         ]
     ),
+    # `uld predict`: landmarks of images a trained model saw for the first time, one row per
+    # (image, landmark); x, y in original pixels of ``image``; crop_* the square crop it was seen in.
+    "predictions": pa.schema(
+        [
+            pa.field("image", pa.string()),
+            pa.field("image_id", pa.string()),
+            pa.field("method", pa.string()),
+            pa.field("landmark_id", pa.int32()),
+            pa.field("x", pa.float32()),
+            pa.field("y", pa.float32()),
+            pa.field("score", pa.float32()),
+            pa.field("present", pa.bool_()),
+            pa.field("fallback", pa.bool_()),
+            pa.field("width", pa.int32()),
+            pa.field("height", pa.int32()),
+            pa.field("crop_x0", pa.float32()),
+            pa.field("crop_y0", pa.float32()),
+            pa.field("crop_x1", pa.float32()),
+            pa.field("crop_y1", pa.float32()),
+        ]
+    ),
     # Pseudo-labels of a self-training round: cluster id per kept keypoint.
     # x, y in crop pixels of the feature store's crops; pose_cluster = -1 without TSC.
     "pseudolabels": pa.schema(

@@ -25,6 +25,16 @@ from pipeline.errors import DatasetError
 _LAYOUT = "<root>/**/*.jpg|png|... (any image files, any sub-folders; no annotations)"
 
 
+def unlabelled_box(width: int, height: int) -> tuple[float, float, float, float]:
+    """The object box of an image without labels: the whole image.
+
+    The one rule for unlabelled images: this loader's manifests and
+    ``uld predict`` on new images both use it, so a folder's crops are the same
+    whichever way its images come in.
+    """
+    return (0.0, 0.0, float(width), float(height))
+
+
 def list_images(root: Path) -> list[Path]:
     """Image files under ``root``, sorted, skipping hidden files and folders."""
     return sorted(
@@ -58,5 +68,5 @@ class FolderLoader(DatasetLoader):
                 continue
             rows.append(manifest_row(image_id=key, split=split, path=str(image.absolute()), width=width,
                                      height=height, landmarks=np.zeros((0, 2), np.float32),
-                                     bbox=(0.0, 0.0, float(width), float(height))))
+                                     bbox=unlabelled_box(width, height)))
         return frame(rows)

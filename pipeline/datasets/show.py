@@ -101,3 +101,39 @@ def contact_sheet(
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return path
+
+
+def landmark_overlay(image: np.ndarray, points: np.ndarray, detected: np.ndarray | None, path: str | Path, title: str, max_side: float = 6.0) -> Path:
+    """Write a PNG of one image (H, W, 3) uint8 with its K landmarks (K, 2) in its own pixels.
+
+    The colours are :func:`contact_sheet`'s (landmark ``k`` has the same colour
+    on every overlay and sheet); ``detected`` False draws a hollow circle (a
+    filled-in, not detected, landmark); NaN points are not drawn.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    img = np.asarray(image)
+    if img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
+        raise ConfigError(f"landmark_overlay expects a uint8 image (H, W, 3), got {img.dtype} {img.shape}", where="image")
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    det = np.ones(len(pts), bool) if detected is None else np.asarray(detected, dtype=bool).reshape(-1)
+    h, w = img.shape[:2]
+    scale = max_side / max(h, w)
+    fig = Figure(figsize=(max(1.5, w * scale), max(1.5, h * scale) + 0.3), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0 - 0.3 / (max(1.5, h * scale) + 0.3)))
+    ax.imshow(img, extent=(0, w, h, 0), interpolation="nearest")  # pixel j's centre at j + 0.5
+    colours = landmark_colours(len(pts))
+    ok = ~np.isnan(pts).any(axis=1)
+    dot = max(12.0, 60.0 / max(1, len(pts)) ** 0.5)
+    ax.scatter(pts[ok & det, 0], pts[ok & det, 1], s=dot, c=colours[ok & det], edgecolors="white", linewidths=0.5)
+    ax.scatter(pts[ok & ~det, 0], pts[ok & ~det, 1], s=dot, facecolors="none", edgecolors=colours[ok & ~det], linewidths=1.0)
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+    ax.set_axis_off()
+    fig.suptitle(title, fontsize=8)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
