@@ -29,7 +29,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.results import evaluate_keypoints, new_run_id, read_run_config, write_keypoints, write_metrics, write_run_config
 from pipeline.backbones.base import FeatureSpec
-from pipeline.errors import ConfigError, StoreError
+from pipeline.errors import ConfigError, DatasetError, StoreError
 from storage.atomic import atomic_path
 from storage.features import FeatureStore
 from storage.layout import Workspace
@@ -292,6 +292,15 @@ def zeroshot(
         predict_task(home, run_id, dataset, store.path, model_dir, split, cfg, force)
     if evaluate:
         evaluate_task(home, run_id, dataset, METHOD, STAGE, 0, {"seed": int(seed), **(eval_cfg or {})})
+    if "spec" in store.config:  # a store made by `uld features` (hand-made test stores record no crop margin)
+        from flows.figures import landmark_sheet
+
+        try:
+            print("landmarks on test crops: " + str(landmark_sheet(
+                home, run_id, dataset, store.image_size, float(store.config["spec"]["crop_margin"]),
+                Workspace(home).figures_dir(run_id) / "zeroshot-test-landmarks.png", title="ZeroShot: landmarks on test crops", stage=STAGE, round_=0)))
+        except DatasetError as err:  # images moved since the features were cached: the results stand without the figure
+            print(f"no landmark sheet: {err.what} ({err.where})")
     return run_id
 
 
