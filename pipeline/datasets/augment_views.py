@@ -57,7 +57,7 @@ class ViewAugmentConfig:
     (with the image's row), so the same config always gives the same views.
     """
 
-    n_views: int = 4
+    n_views: int = 2
     max_rotation_deg: float = 30.0
     scale_range: tuple[float, float] = (0.85, 1.15)
     max_translation: float = 0.05
