@@ -2,8 +2,10 @@
 
 Global options (workspace, device, seed) live on the top-level callback and
 reach every command through ``ctx.obj`` as :class:`pipeline.settings.Settings`.
-Errors the user can fix (:class:`pipeline.errors.ULDError`) are printed as
-"what / where / fix" without a traceback, exit code 2.
+Errors the user can fix (:class:`pipeline.errors.ULDError`, and the OS errors
+of a full disk or a read-only / non-writable workspace, see
+:mod:`flows.cli_errors`) are printed as "what / where / fix" without a
+traceback, exit code 2; Prefect's own traceback of such an error is dropped too.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Optional
 
 import typer
 
+from flows.cli_errors import as_user_error, install_log_filter
 from pipeline.errors import ULDError
 from pipeline.settings import Settings
 
@@ -42,6 +45,9 @@ def _main(
     seed: Optional[int] = typer.Option(None, "--seed", help="Global seed (env ULD_SEED; default 0)."),
 ) -> None:
     ctx.obj = Settings.from_env(home=home, data_root=data_root, device=device, seed=seed)
+    # Here, not at start-up: `uld --help` never gets here, and --home is known. Prefect
+    # is first imported inside a command, after this.
+    _prefect_defaults(ctx.obj.home)
 
 
 def settings(ctx: typer.Context) -> Settings:
@@ -58,17 +64,26 @@ def _register_commands() -> None:
         module.register(app)
 
 
-def _prefect_defaults() -> None:
+def _prefect_defaults(home: Optional[Path] = None) -> None:
     # Prefect keeps its database (flow-run history shown by the UI) in PREFECT_HOME.
-    # Unless the user chose one, keep it inside the workspace so `prefect server start`
-    # with the same PREFECT_HOME shows every run of this workspace. Done before any
-    # Prefect import reads its settings.
+    # Unless the user chose one, keep it inside the workspace (``home``, else $ULD_HOME)
+    # so `prefect server start` with the same PREFECT_HOME shows every run of this
+    # workspace. Done before any Prefect import reads its settings.
     if "PREFECT_HOME" not in os.environ:
-        prefect_home = Path(os.environ.get("ULD_HOME", "workspace")).expanduser().resolve() / ".prefect"
-        # Prefect creates only the last level of PREFECT_HOME; on a fresh clone the
-        # workspace itself does not exist yet.
-        prefect_home.mkdir(parents=True, exist_ok=True)
-        os.environ["PREFECT_HOME"] = str(prefect_home)
+        base = Path(home) if home is not None else Path(os.environ.get("ULD_HOME", "workspace"))
+        prefect_home = base.expanduser().resolve() / ".prefect"
+        try:
+            # Prefect creates only the last level of PREFECT_HOME; on a fresh clone the
+            # workspace itself does not exist yet.
+            prefect_home.mkdir(parents=True, exist_ok=True)
+            writable = os.access(prefect_home, os.W_OK)
+        except OSError:
+            writable = False
+        # A read-only, full or not-creatable workspace must not crash every command here
+        # with a traceback: Prefect keeps its own default (~/.prefect), read-only commands
+        # work, and a command that writes into the workspace stops with a clean message.
+        if writable:
+            os.environ["PREFECT_HOME"] = str(prefect_home)
     # The temporary server Prefect starts when no PREFECT_API_URL is set needs ~10 s on
     # 2 busy cores; its default 20 s start-up limit fails under load, so allow more.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -77,10 +92,16 @@ def _prefect_defaults() -> None:
 
 
 def main() -> None:
-    _prefect_defaults()
     _register_commands()
+    install_log_filter()
     try:
         app()
-    except ULDError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    except (ULDError, OSError) as exc:
+        err = as_user_error(exc)
+        if err is None:
+            raise  # not the user's to fix: keep the traceback
+        try:
+            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        except OSError:
+            pass  # stderr itself unwritable (closed pipe, full disk): the exit code still says it
         sys.exit(2)

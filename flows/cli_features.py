@@ -25,24 +25,42 @@ def register(app: typer.Typer) -> None:
         shard_size: int = typer.Option(64, "--shard-size", help="Images per shard file: the unit of writing and of resuming."),
         reduce_channels: ReduceChannels = None,
         skip_bad: bool = typer.Option(False, "--skip-bad", help="Store zeros and mark invalid any image that cannot be read, instead of stopping."),
+        verify: bool = typer.Option(False, "--verify", help="Only check the store of this configuration: list missing, damaged or unfinished pieces (exit 2 if any); extract nothing."),
+        deep: bool = typer.Option(False, "--deep", help="Also decode every stored chunk (checks each CRC32C; reads the whole store). With --verify: report; without: re-extract what fails."),
     ) -> None:
         """Extract diffusion hyperfeatures of every train and test image into a sharded Zarr store.
 
         Resumable: an interrupted run continues from the first unfinished shard;
-        re-running a finished configuration does nothing. A different
+        re-running a finished configuration does nothing, except re-extracting
+        shards whose files went missing or are damaged (see --verify). A different
         configuration (timesteps, layers, size, backbone weights, manifest)
         writes a different store under features/<dataset>/<backbone>.zarr/<hash>/.
         """
         from flows.cli import settings
-        from flows.features import check_manifests, complete_store_path, extract_features
+        from flows.features import check_manifests, check_usable, complete_store_path, extract_features, verify_features
+        from pipeline.errors import StoreError
         from storage.features import FeatureStore
 
         s = settings(ctx)
         spec = feature_spec(size, timesteps, layers, crop_margin, reduce_channels, s.seed, backbone=backbone, home=s.home)
         check_manifests(s.home, dataset, s.data_root)  # before a flow run starts: one clear error line
         t0 = time.perf_counter()
+        if verify:
+            path, problems = verify_features(dataset, backbone, spec, home=s.home, device="cpu", data_root=s.data_root, deep=deep)
+            typer.echo(f"store:      {path}")
+            if not problems:
+                typer.echo(f"verified:   complete, every shard file present{' and every chunk decodes' if deep else ''}")
+                return
+            for p in problems:
+                typer.echo(f"  {p}")
+            raise StoreError(
+                f"{len(problems)} problem(s) in the feature store (listed above)",
+                where=str(path),
+                fix="re-run this command without --verify to re-extract them" if all(p.repairable for p in problems)
+                else "delete the folder and re-run `uld features` to rebuild it",
+            )
         # A finished store needs no flow run (and no Prefect server start-up): check that first, on the CPU.
-        path = complete_store_path(dataset, backbone, spec, home=s.home, device="cpu", data_root=s.data_root)
+        path = complete_store_path(dataset, backbone, spec, home=s.home, device="cpu", data_root=s.data_root, deep=deep)
         if path is not None:
             typer.echo("features already complete: nothing to do")
         else:
@@ -56,9 +74,11 @@ def register(app: typer.Typer) -> None:
                 skip_bad=skip_bad,
                 shard_size=shard_size,
                 data_root=s.data_root,
+                deep_check=deep,
             )
         seconds = time.perf_counter() - t0
         store = FeatureStore.open(path)
+        check_usable(store)  # a store whose split has no readable image is an error, also when it was already complete
         b = store.bytes_per_image()
         typer.echo(f"store:      {path}")
         typer.echo(f"images:     {len(store)} ({', '.join(f'{k}: {int((store.splits == k).sum())}' for k in sorted(set(store.splits.tolist())))})")

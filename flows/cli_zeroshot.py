@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
         proj_dim: Optional[int] = typer.Option(None, "--proj-dim", help="Project each feature key to this many channels (fixed seeded random projection) before clustering."),
         max_train_images: Optional[int] = typer.Option(None, "--max-train-images", help="Use a seeded subset of this many training images (sampling and regressor pool)."),
         run_id: Optional[str] = typer.Option(None, "--run-id", help="Run folder name under runs/; default: a fresh zeroshot-<time>-<hash>. An existing run with the same config resumes."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the existing run --run-id; an error when no such run exists (instead of silently starting a new one)."),
         store: Optional[Path] = typer.Option(None, "--store", help="Read this feature store folder directly instead of looking it up from the options below."),
         timesteps: Timesteps = None,
         layers: Layers = None,
@@ -65,6 +66,18 @@ def register(app: typer.Typer) -> None:
         from flows.zeroshot import zeroshot
 
         s = settings(ctx)
+        if resume:
+            from pipeline.errors import ConfigError
+            from storage.layout import Workspace
+
+            if run_id is None:
+                raise ConfigError("--resume needs the --run-id of the run to continue", where="--resume", fix="pass --run-id <id> (see `ls <home>/runs`)")
+            if not Workspace(s.home).run_file(run_id, "config.json").is_file():
+                raise ConfigError(
+                    f"no run {run_id!r} to resume",
+                    where=str(Workspace(s.home).run_dir(run_id)),
+                    fix="drop --resume to start a new run with this id, or give the --run-id of an existing run (see `ls <home>/runs`)",
+                )
         spec = feature_spec(size, timesteps, layers, crop_margin, reduce_channels, s.seed, backbone=backbone, home=s.home)
         t0 = time.perf_counter()
         rid = zeroshot(

@@ -99,13 +99,28 @@ def build_manifests(
     results = {split: future.result() for split, future in futures.items()}
 
     paths: dict[str, Path] = {}
-    all_skipped: list[SkipRecord] = []
-    for split, (manifest, skipped) in results.items():
+    all_skipped = [s for _, skipped in results.values() for s in skipped]
+    skipped_path = ws.skipped(dataset)
+    if sum(len(m) for m, _ in results.values()) == 0:
+        # Nothing usable: writing empty manifests would only move the failure to a later
+        # stage. Like any failed load, nothing is written (old manifests stay as they were).
+        if all_skipped:
+            shown = "; ".join(f"{s.reason} ({s.source}{f', line {s.line}' if s.line > 0 else ''})" for s in all_skipped[:3])
+            raise DatasetError(
+                f"{dataset}: every item was bad and skipped ({len(all_skipped)} items), so no manifest was written; "
+                f"first reasons: {shown}",
+                where=str(root),
+                fix="run without --skip-bad to stop at the first bad item with its file and line, and repair the data",
+            )
+        raise DatasetError(
+            f"{dataset}: no items found, so there is nothing to write",
+            where=str(root),
+            fix=f"point --root at the dataset folder laid out as: {loader.expected_layout}",
+        )
+    for split, (manifest, _) in results.items():
         if len(manifest) == 0:
             log.warning("%s/%s has no images; later stages will refuse this split", dataset, split)
         paths[split] = manifest.save(ws.manifest(dataset, split))
-        all_skipped.extend(skipped)
-    skipped_path = ws.skipped(dataset)
     if all_skipped:
         write_table(skipped_frame(dataset, all_skipped), skipped_path, "skipped", metadata={"root": str(root)})
         log.warning("%s: skipped %d bad item(s); reasons in %s", dataset, len(all_skipped), skipped_path)

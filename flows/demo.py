@@ -101,9 +101,12 @@ def demo(home: str | Path = "workspace", cfg: DemoConfig = DemoConfig(), device:
             reference_baseline("synthetic", name, cfg.backbone, spec, k=cfg.k, home=home, seed=cfg.seed, run_id=rid, store_path=store)
         runs[f"baseline {name}"] = rid
     runs["ZeroShot"] = zeroshot("synthetic", cfg.backbone, spec, k=cfg.k, home=home, seed=cfg.seed, run_id=f"demo-{tag}-zeroshot", store_path=store)
+    duld_id = f"demo-{tag}-duld"
+    # Resume only a run that exists: --resume of a missing run is an error (it hides typos).
+    resume = Workspace(home).run_file(duld_id, "config.json").is_file()
     table = duld(
         "synthetic", cfg.backbone, spec, k=cfg.k, rounds=cfg.rounds, steps_per_round=cfg.steps_per_round,
-        bootstrap_steps=cfg.bootstrap_steps, home=home, seed=cfg.seed, run_id=f"demo-{tag}-duld", resume=True, threads=1, store_path=store,
+        bootstrap_steps=cfg.bootstrap_steps, home=home, seed=cfg.seed, run_id=duld_id, resume=resume, threads=1, store_path=store,
     )
     runs["D-ULD"] = table.attrs.get("run_id", f"demo-{tag}-duld")
     figures = figure_task(home, cfg, runs)

@@ -70,6 +70,7 @@ from storage.atomic import atomic_path, write_json
 from storage.features import FeatureStore
 from storage.feature_loader import make_loader
 from storage.layout import Workspace
+from storage.locks import claim, releases_claims
 from storage.tables import append_table
 
 log = logging.getLogger(__name__)
@@ -357,6 +358,13 @@ def resolve_run(home: Path, run_id: str | None, resume: bool, config: dict) -> t
         return new_run_id(METHOD), False
     cfg_path = ws.run_file(run_id, "config.json")
     if not cfg_path.exists():
+        if resume:
+            # Starting afresh here would hide a typo in the id behind a brand-new run.
+            raise ConfigError(
+                f"no run {run_id!r} to resume",
+                where=str(ws.run_dir(run_id)),
+                fix="drop --resume to start a new run with this id, or give the --run-id of an existing run (see `ls <home>/runs`)",
+            )
         return run_id, False
     if not resume:
         raise ConfigError(
@@ -376,6 +384,7 @@ def resolve_run(home: Path, run_id: str | None, resume: bool, config: dict) -> t
 
 
 @flow(name="duld", validate_parameters=False, log_prints=True)
+@releases_claims
 def duld(
     dataset: str,
     backbone: Any = "shipped",
@@ -461,6 +470,7 @@ def duld(
         "n_test": int(len(test_rows)),
     }
     run_id, resuming = resolve_run(home, run_id, resume, config)
+    claim(Workspace(home).run_dir(run_id), "run")  # one writer per run folder, until this flow returns
     write_run_config(home, run_id, config)
     rois = None
     if roi:

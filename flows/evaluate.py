@@ -10,6 +10,8 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.results import evaluate_keypoints, metrics_table, read_keypoints, read_run_config
+from storage.layout import Workspace
+from storage.locks import claim, releases_claims
 
 
 @task(name="evaluate-keypoints", task_run_name="evaluate-{method}-{stage}-{round_}", cache_policy=NO_CACHE, persist_result=False)
@@ -18,6 +20,7 @@ def _evaluate_one(home: Path, run_id: str, dataset: str, method: str, stage: str
 
 
 @flow(name="evaluate", validate_parameters=False, log_prints=True)
+@releases_claims
 def evaluate(
     run_id: str,
     home: str | Path = "workspace",
@@ -39,6 +42,7 @@ def evaluate(
     """
     home = Path(home)
     dataset = dataset or read_run_config(home, run_id).get("dataset")
+    claim(Workspace(home).run_dir(run_id), "run")  # appends to the run's metrics: not while its method writes
     if not dataset:
         from pipeline.errors import ConfigError
 

@@ -38,8 +38,9 @@ from tqdm.auto import tqdm
 
 from pipeline.backbones.base import FeatureSpec, feature_key
 from pipeline.errors import DatasetError, StoreError
-from storage.features import FORMAT_VERSION, FeatureStore, key_layer, random_projection
+from storage.features import FORMAT_VERSION, FeatureStore, StoreProblem, key_layer, random_projection
 from storage.layout import Workspace
+from storage.locks import WriterLock
 
 if TYPE_CHECKING:
     from pipeline.backbones.base import DiffusionBackbone
@@ -311,6 +312,7 @@ def extract_features(
     skip_bad: bool = False,
     shard_size: int = 64,
     data_root: str | Path | None = None,
+    deep_check: bool = False,
 ) -> Path:
     """Extract (or finish extracting) the hyperfeatures of ``dataset``; returns the store path.
 
@@ -319,6 +321,9 @@ def extract_features(
     or an already built ``DiffusionBackbone``.
     A store that already exists for this configuration is resumed (missing
     shards only) with its recorded batch size; a complete one is left alone.
+    Finished shards whose files are missing or damaged (:meth:`FeatureStore.verify`;
+    ``deep_check`` also decodes every chunk) are re-extracted like unfinished ones.
+    Holds the store's writer lock throughout (:class:`storage.locks.WriterLock`).
     """
     from pipeline.datasets.crop import crop_boxes
     from pipeline.settings import resolve_device
@@ -338,22 +343,56 @@ def extract_features(
     plan = plan_store(dataset, model, name, spec, manifest)
     path = Workspace(home).feature_store(dataset, name, plan.config_hash)
     boxes = np.asarray(crop_boxes(manifest.boxes(), spec.crop_margin), dtype=np.float32)
-    store = open_or_create_store(path, plan, manifest, boxes, spec, shard_size, batch_size)
-    todo = store.missing_shards()
-    if not todo:
-        print(f"features already complete: {path}")
-        return path
-    recorded = int(store.attrs.get("extraction", {}).get("batch_size", batch_size))
-    if recorded != batch_size:
-        print(f"resuming with the store's batch size {recorded} (asked {batch_size}) so finished and new shards match")
-    paths = manifest.frame["path"].to_numpy(dtype=str)
-    print(f"extracting {len(todo)} of {store.n_shards()} shards ({len(store)} images) into {path}")
-    for shard in tqdm(todo, desc=f"features {dataset}", unit="shard"):
-        extract_shard_task(store, shard, model, spec, plan.layers, paths, recorded, skip_bad)
-    store.refresh()
-    if not store.is_complete():  # only if someone else cleared markers meanwhile
-        raise StoreError("feature store is still incomplete after extraction", where=str(path), fix="re-run the same `uld features` command")
+    # One writer per store: a second `uld features` on the same configuration would
+    # otherwise rewrite the same shards and race on the skipped-images attrs.
+    with WriterLock(path, "feature store"):
+        store = open_or_create_store(path, plan, manifest, boxes, spec, shard_size, batch_size)
+        fatal = [p for p in store.verify(deep=deep_check) if not p.repairable]
+        if fatal:
+            raise StoreError(
+                f"feature store is damaged beyond re-extraction: {'; '.join(str(p) for p in fatal[:3])}",
+                where=str(path),
+                fix="delete the folder and re-run `uld features` to rebuild it",
+            )
+        todo = store.missing_shards()  # unfinished, plus finished shards whose files are missing or damaged
+        if not todo:
+            print(f"features already complete: {path}")
+            check_usable(store)
+            return path
+        recorded = int(store.attrs.get("extraction", {}).get("batch_size", batch_size))
+        if recorded != batch_size:
+            print(f"resuming with the store's batch size {recorded} (asked {batch_size}) so finished and new shards match")
+        damaged = store.damaged_shards()
+        if damaged:
+            print(f"repairing {len(damaged)} finished shard(s) whose files are missing or damaged: {damaged[:10]}")
+        paths = manifest.frame["path"].to_numpy(dtype=str)
+        print(f"extracting {len(todo)} of {store.n_shards()} shards ({len(store)} images) into {path}")
+        for shard in tqdm(todo, desc=f"features {dataset}", unit="shard"):
+            extract_shard_task(store, shard, model, spec, plan.layers, paths, recorded, skip_bad)
+        store.refresh()
+        if not store.is_complete():  # only if a file vanished again meanwhile
+            raise StoreError("feature store is still incomplete after extraction", where=str(path), fix="re-run the same `uld features` command")
+        check_usable(store)
     return path
+
+
+def check_usable(store: FeatureStore) -> None:
+    """Refuse a store in which a split has no readable image (every one skipped with --skip-bad).
+
+    Such a store is complete but useless: every later stage would fail on an
+    empty split, far from the cause. Said here, with the reasons recorded.
+    """
+    valid = store.valid
+    for split in SPLITS:
+        rows = store.splits == split
+        if rows.any() and not valid[rows].any():
+            reasons = [f"{k}: {v}" for k, v in list(store.skipped.items())[:3]]
+            raise DatasetError(
+                f"none of the {int(rows.sum())} {split} images could be read (all skipped with --skip-bad)"
+                + (f"; e.g. {'; '.join(reasons)}" if reasons else ""),
+                where=str(store.path),
+                fix="repair the image files (or the manifest's paths), delete the store folder, and re-run `uld features`",
+            )
 
 
 def complete_store_path(
@@ -363,11 +402,14 @@ def complete_store_path(
     home: str | Path = "workspace",
     device: str = "cpu",
     data_root: str | Path | None = None,
+    deep: bool = False,
 ) -> Path | None:
     """The path of the finished store for this configuration, or None if there is work left.
 
     Plain function (no Prefect): the CLI calls it first so a no-op re-run costs
     loading manifests and hashing the backbone, not starting a Prefect server.
+    "Finished" includes every shard file being present (and, with ``deep``,
+    every chunk decoding): a store with missing files needs a repair run.
     Raises like :func:`extract_features` when an existing store does not match.
     """
     spec = spec or FeatureSpec()
@@ -384,6 +426,8 @@ def complete_store_path(
         return None
     store = FeatureStore.open(path, require_complete=False, expected_hash=plan.config_hash)
     _check_same(store, plan, manifest.image_ids)
+    if deep and store.verify(deep=True):
+        return None
     return path if store.is_complete() else None
 
 
@@ -418,10 +462,47 @@ def open_features(
         )
     store = FeatureStore.open(path, require_complete=False, expected_hash=plan.config_hash)
     _check_same(store, plan, manifest.image_ids)
-    if not store.is_complete():
+    unfinished = store.unfinished_shards()
+    if unfinished:
         raise StoreError(
-            f"feature store is unfinished ({len(store.missing_shards())} of {store.n_shards()} shards missing)",
+            f"feature store is unfinished ({len(unfinished)} of {store.n_shards()} shards missing)",
             where=str(path),
             fix=f"resume it with `{cmd}` (same options)",
         )
+    # Finished but with files gone or damaged: name them; the same command repairs them.
+    store.require_complete(fix=f"re-run `{cmd}` (same options): it re-extracts the damaged shards; add --verify to list them")
     return store
+
+
+def verify_features(
+    dataset: str,
+    backbone: "str | DiffusionBackbone",
+    spec: FeatureSpec | None = None,
+    home: str | Path = "workspace",
+    device: str = "cpu",
+    data_root: str | Path | None = None,
+    deep: bool = False,
+) -> tuple[Path, list[StoreProblem]]:
+    """The store of this configuration and its problems (:meth:`FeatureStore.verify`); writes nothing.
+
+    Raises :class:`StoreError` when no store exists for the configuration.
+    """
+    spec = spec or FeatureSpec()
+    manifest = load_manifests(home, dataset, data_root)
+    if isinstance(backbone, str):
+        from pipeline.backbones.loading import backbone_name, load_backbone
+
+        name, model = backbone_name(backbone), load_backbone(backbone, device, home=home)
+    else:
+        name, model = backbone.name, backbone
+    plan = plan_store(dataset, model, name, spec, manifest)
+    path = Workspace(Path(home)).feature_store(dataset, name, plan.config_hash)
+    if not (path / "zarr.json").is_file():
+        raise StoreError(
+            f"no features cached for dataset {dataset!r} with backbone {name!r} and this feature configuration",
+            where=str(path),
+            fix=f"run `uld --home {home} features --dataset {dataset} --backbone {name}` (same options) first",
+        )
+    store = FeatureStore.open(path, require_complete=False, expected_hash=plan.config_hash)
+    _check_same(store, plan, manifest.image_ids)
+    return path, store.verify(deep=deep)

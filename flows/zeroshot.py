@@ -33,6 +33,7 @@ from pipeline.errors import ConfigError, DatasetError, StoreError
 from storage.atomic import atomic_path
 from storage.features import FeatureStore
 from storage.layout import Workspace
+from storage.locks import claim, releases_claims
 
 METHOD = "zeroshot"
 STAGE = "zeroshot"
@@ -224,6 +225,7 @@ def evaluate_task(home: Path, run_id: str, dataset: str, method: str, stage: str
 
 # ------------------------------------------------------------ flows
 @flow(name="zeroshot", validate_parameters=False, log_prints=True)
+@releases_claims
 def zeroshot(
     dataset: str,
     backbone: str = "shipped",
@@ -260,6 +262,7 @@ def zeroshot(
     home = Path(home)
     store = resolve_store(home, dataset, backbone, spec, store_path, device)
     run_id = run_id or new_run_id(METHOD)
+    claim(Workspace(home).run_dir(run_id), "run")  # one writer per run folder, until this flow returns
     cfg = {
         "method": METHOD,
         "dataset": dataset,
@@ -305,6 +308,7 @@ def zeroshot(
 
 
 @flow(name="reference-baseline", validate_parameters=False, log_prints=True)
+@releases_claims
 def reference_baseline(
     dataset: str,
     name: str,
@@ -326,6 +330,7 @@ def reference_baseline(
     store = resolve_store(home, dataset, backbone, spec, store_path, device)
     method = f"baseline-{name}"
     run_id = run_id or new_run_id(method)
+    claim(Workspace(home).run_dir(run_id), "run")
     cfg = {"method": method, "dataset": dataset, "backbone": backbone, "store_path": str(store.path),
            "store_config_hash": store.config_hash, "k": int(k), "seed": int(seed), "evaluation": dict(eval_cfg or {})}
     _check_run_config(home, run_id, cfg, force=False)

@@ -36,3 +36,11 @@ class StoreError(ULDError):
 
 class BackboneError(ULDError):
     """A backbone that cannot be found or loaded."""
+
+
+class BusyError(ULDError):
+    """Another process is writing the same feature store or run."""
+
+
+class WorkspaceError(ULDError):
+    """The workspace (or another output folder) cannot be written: read-only, no permission, disk full."""

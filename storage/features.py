@@ -23,6 +23,13 @@ Why this shape:
   store replaces every file atomically, but one shard spans one file *per key*;
   a crash between keys leaves a shard half written. Because its marker is still
   False, :meth:`missing_shards` reports it and a resumed run rewrites it whole.
+* **Complete means the files are there**, not just the markers: a shard whose
+  marker is set but whose shard file (or, for an image that was read, its chunk
+  in the shard index) is missing would read back as zeros. :meth:`verify` finds
+  such pieces cheaply (one ``stat`` and one small index read per shard file;
+  ``deep=True`` also decodes every chunk, checking its CRC32C), they count as
+  missing shards, opening the store for reading refuses them, and re-running
+  ``uld features`` re-extracts them.
 * **Reads use basic slicing only** (``arr[a:b]``): orthogonal/fancy indexing on
   sharded Zarr arrays is much slower and has had correctness bugs;
   :meth:`read_indices` turns any index list into contiguous runs.
@@ -39,6 +46,7 @@ import os
 import shutil
 import uuid
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +62,10 @@ FORMAT_VERSION = 1
 DEFAULT_SHARD_SIZE = 64
 _FEATURES = "features"
 _PROJECTION = "projection"
+_REPAIR_FIX = (
+    "re-run the same `uld features` command: it re-extracts the shards whose files are missing or damaged "
+    "(add --verify to list every problem without extracting)"
+)
 
 
 def _zarr():
@@ -95,6 +107,51 @@ def random_projection(c_in: int, c_out: int, seed: int, layer: str) -> np.ndarra
     return (rng.standard_normal((c_out, c_in)) / np.sqrt(c_out)).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class StoreProblem:
+    """One missing or damaged piece of a feature store (see :meth:`FeatureStore.verify`)."""
+
+    array: str  # "features/<layer@tT>", "valid", "complete", "image_id", ...
+    start: int  # first image row affected
+    stop: int  # one past the last
+    shard: int | None  # None for the whole-store arrays (ids, splits, boxes)
+    problem: str
+    path: str  # the file concerned
+
+    @property
+    def repairable(self) -> bool:
+        """Re-extracting the shard fixes it (whole-store arrays need a rebuild)."""
+        return self.shard is not None
+
+    def __str__(self) -> str:
+        shard = f" (shard {self.shard})" if self.shard is not None else ""
+        return f"{self.array} images {self.start}:{self.stop}{shard}: {self.problem} [{self.path}]"
+
+
+# The shard index layout this module can check (the Zarr v3 sharding default: index
+# at the end of the shard file, little-endian uint64 (offset, nbytes) per chunk, CRC32C).
+_INDEX_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+_EMPTY = np.uint64(2**64 - 1)
+
+
+def _shard_index_spec(arr: Any) -> tuple[int, ...] | None:
+    """Chunks per shard along each axis when ``arr`` uses the checkable index layout, else None."""
+    try:
+        # JSON round trip: the metadata dict mixes tuples and lists.
+        meta = json.loads(json.dumps(arr.metadata.to_dict(), default=str))
+        codec = meta["codecs"][0]
+        conf = codec["configuration"]
+        if codec["name"] != "sharding_indexed" or conf.get("index_location", "end") != "end":
+            return None
+        if conf["index_codecs"] != _INDEX_CODECS:
+            return None
+        inner = conf["chunk_shape"]
+        outer = meta["chunk_grid"]["configuration"]["chunk_shape"]
+        return tuple(int(o) // int(i) for o, i in zip(outer, inner))
+    except (AttributeError, KeyError, IndexError, TypeError):
+        return None
+
+
 def _as_str_array(values: Any) -> np.ndarray:
     """Plain fixed-width numpy strings (zarr returns numpy's variable-width StringDType)."""
     return np.asarray([str(v) for v in np.asarray(values).reshape(-1)], dtype=str)
@@ -134,13 +191,22 @@ class FeatureStore:
         self.image_size = int(attrs["image_size"])
         self.shard_size = int(attrs["shard_size"])
         self._n = int(attrs["n_images"])
-        self._arrays = {k: group[f"{_FEATURES}/{k}"] for k in self.keys}
+        # Store a chunk even when it is all zeros (an unreadable image, a black crop): then a
+        # chunk missing from a shard index always means damage, never "equal to the fill value".
+        # (Zarr still writes no file at all for a shard that is entirely zeros.)
+        self._arrays = {k: group[f"{_FEATURES}/{k}"].with_config({"write_empty_chunks": True}) for k in self.keys}
         self.image_ids = _as_str_array(group["image_id"][:])
         self.splits = _as_str_array(group["split"][:])
         self.crop_boxes = np.asarray(group["crop_box"][:], dtype=np.float32)
         self._valid_arr = group["valid"]
         self._complete_arr = group["complete"]
         self._complete = np.asarray(self._complete_arr[:], dtype=bool)
+        # Kept in memory for the per-read file checks; write_shard and refresh update it.
+        self._valid_now = np.asarray(self._valid_arr[:], dtype=bool)
+        self._index_spec = {k: _shard_index_spec(a) for k, a in self._arrays.items()}
+        # Shards with missing/damaged files, found by the cheap verify on first need (lazy:
+        # the loader's worker processes open the store and never ask).
+        self._damaged: set[int] | None = None
         self._projections: dict[str, np.ndarray] = {}
         for layer in attrs.get("projection", {}):
             self._projections[layer] = np.asarray(group[f"{_PROJECTION}/{layer}"][:], dtype=np.float32)
@@ -315,14 +381,8 @@ class FeatureStore:
             store = cls(path, group, writable)
         except KeyError as exc:
             raise StoreError(f"feature store is missing {exc}", where=str(path), fix="delete the folder and re-run `uld features`") from None
-        if require_complete and not store.is_complete():
-            missing = store.missing_shards()
-            raise StoreError(
-                f"feature store is incomplete: {len(missing)} of {store.n_shards()} shards were never finished "
-                f"(first missing: {missing[:5]})",
-                where=str(path),
-                fix="resume the extraction by re-running the same `uld features` command",
-            )
+        if require_complete:
+            store.require_complete()
         return store
 
     # shape and completion ---------------------------------------------------
@@ -354,14 +414,144 @@ class FeatureStore:
         return start, min(start + self.shard_size, self._n)
 
     def refresh(self) -> None:
-        """Re-read the completion markers (another process may have written shards)."""
+        """Re-read the completion markers and validity flags, and forget the last verification."""
         self._complete = np.asarray(self._complete_arr[:], dtype=bool)
+        self._valid_now = np.asarray(self._valid_arr[:], dtype=bool)
+        self._damaged = None
 
-    def missing_shards(self) -> list[int]:
+    def unfinished_shards(self) -> list[int]:
+        """Shards whose completion marker is not set (never written, or a crash mid-shard)."""
         return [int(i) for i in np.flatnonzero(~self._complete)]
 
+    def damaged_shards(self) -> list[int]:
+        """Finished shards with a missing or damaged file (the cheap :meth:`verify`)."""
+        if self._damaged is None:
+            self._damaged = {p.shard for p in self._verify_finished(deep=False) if p.shard is not None}
+        return sorted(self._damaged)
+
+    def missing_shards(self) -> list[int]:
+        """Shards that must be (re-)extracted: unfinished, or finished with files missing on disk."""
+        return sorted(set(self.unfinished_shards()) | set(self.damaged_shards()))
+
     def is_complete(self) -> bool:
-        return bool(self._complete.all())
+        """Every shard finished *and* its files present (whole-store arrays included)."""
+        return not self.missing_shards() and not self._store_level_problems()
+
+    def require_complete(self, fix: str | None = None) -> None:
+        """Raise :class:`StoreError` naming what is unfinished, missing or damaged (nothing when complete)."""
+        unfinished = self.unfinished_shards()
+        if unfinished:
+            raise StoreError(
+                f"feature store is incomplete: {len(unfinished)} of {self.n_shards()} shards were never finished "
+                f"(first missing: {unfinished[:5]})",
+                where=str(self.path),
+                fix=fix or "resume the extraction by re-running the same `uld features` command",
+            )
+        found = self._verify_finished(deep=False)
+        self._damaged = {p.shard for p in found if p.shard is not None}
+        problems = self._store_level_problems() + found
+        if problems:
+            shown = "; ".join(str(p) for p in problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            rebuild = any(not p.repairable for p in problems)
+            raise StoreError(
+                f"feature store is damaged: {len(problems)} piece(s) missing or unreadable: {shown}",
+                where=str(self.path),
+                fix="delete the folder and re-run `uld features` to rebuild it" if rebuild else (fix or _REPAIR_FIX),
+            )
+
+    # verification -----------------------------------------------------------
+    def _file(self, arr: Any, coords: tuple[int, ...]) -> Path:
+        """The file holding chunk (or, for sharded arrays, shard) ``coords`` of ``arr``."""
+        return self.path / arr.path / arr.metadata.encode_chunk_key(coords)
+
+    def _all_skipped(self, start: int, stop: int) -> bool:
+        skipped = self.skipped
+        return bool(skipped) and all(str(i) in skipped for i in self.image_ids[start:stop])
+
+    def _store_level_problems(self) -> list[StoreProblem]:
+        """Whole-store arrays (ids, splits, boxes, projections): one file each, needed by every row."""
+        out = []
+        names = ["image_id", "split", "crop_box"] + [f"{_PROJECTION}/{layer}" for layer in self._projections]
+        for name in names:
+            arr = self._group[name]
+            f = self._file(arr, (0,) * arr.ndim)
+            if not f.is_file():
+                out.append(StoreProblem(name, 0, self._n, None, "file missing", str(f)))
+        return out
+
+    def _check_index(self, key: str, f: Path, shard: int, start: int, stop: int, expect_valid: bool = True) -> list[StoreProblem]:
+        """Read the shard index at the end of ``f``: checksum, bounds, and (``expect_valid``) a chunk for every valid image."""
+        spec = self._index_spec.get(key)
+        if spec is None or any(n != 1 for n in spec[1:]):
+            return []  # another index layout: presence was checked, the read-time CRCs do the rest
+        name = f"{_FEATURES}/{key}"
+        index_bytes = spec[0] * 16 + 4
+        size = f.stat().st_size
+        if size < index_bytes:
+            return [StoreProblem(name, start, stop, shard, f"shard file truncated ({size} bytes)", str(f))]
+        with open(f, "rb") as fh:
+            fh.seek(size - index_bytes)
+            raw = fh.read(index_bytes)
+        try:
+            import google_crc32c  # zarr's own CRC32C implementation
+
+            if int(google_crc32c.value(raw[:-4])).to_bytes(4, "little") != raw[-4:]:
+                return [StoreProblem(name, start, stop, shard, "shard index checksum mismatch", str(f))]
+        except ImportError:
+            pass
+        entries = np.frombuffer(raw[:-4], dtype="<u8").reshape(spec[0], 2)[: stop - start]
+        present = entries[:, 0] != _EMPTY
+        past_end = present & (entries[:, 0] + entries[:, 1] > np.uint64(size - index_bytes))
+        lost = past_end | (~present & self._valid_now[start:stop]) if expect_valid else past_end
+        if lost.any():
+            rows = (start + np.flatnonzero(lost)).tolist()
+            return [StoreProblem(name, start, stop, shard, f"chunks of images {rows[:5]}{'...' if len(rows) > 5 else ''} missing or truncated", str(f))]
+        return []
+
+    def _verify_finished(self, deep: bool) -> list[StoreProblem]:
+        """Problems of the shards whose completion marker is set."""
+        out: list[StoreProblem] = []
+        for i in np.flatnonzero(self._complete):
+            i = int(i)
+            start, stop = self.shard_range(i)
+            vfile = self._file(self._valid_arr, (i,))
+            # An all-False validity chunk is not stored (it equals the fill value): fine
+            # only when every image of the shard was skipped on purpose.
+            if not vfile.is_file() and not self._all_skipped(start, stop):
+                out.append(StoreProblem("valid", start, stop, i, "validity flags missing (its images would be dropped)", str(vfile)))
+            valid = self._valid_now[start:stop]
+            for key in self.keys:
+                arr = self._arrays[key]
+                f = self._file(arr, (i,) + (0,) * (arr.ndim - 1))
+                if not f.is_file():
+                    if valid.any():  # a shard of skipped images only has no file: nothing to store
+                        out.append(StoreProblem(f"{_FEATURES}/{key}", start, stop, i, "shard file missing", str(f)))
+                    continue
+                found = self._check_index(key, f, i, start, stop)
+                if not found and deep:
+                    try:
+                        np.asarray(arr[start:stop])
+                    except Exception as exc:  # zarr raises several types for checksum / decode failures
+                        found = [StoreProblem(f"{_FEATURES}/{key}", start, stop, i, f"cannot be decoded ({exc})", str(f))]
+                out.extend(found)
+        return out
+
+    def verify(self, deep: bool = False) -> list[StoreProblem]:
+        """Every missing, damaged or unfinished piece of the store, named by array and image range.
+
+        Cheap by default: per shard, a ``stat`` and a read of the small shard
+        index (its CRC32C, and that every image that was read has its chunk);
+        ``deep=True`` also decodes every chunk, which checks each chunk's
+        CRC32C (as every normal read does). An empty list means the store is
+        complete and sound.
+        """
+        problems = self._store_level_problems()
+        for i in self.unfinished_shards():
+            start, stop = self.shard_range(i)
+            problems.append(StoreProblem("complete", start, stop, i, "never finished (no completion marker)", str(self._file(self._complete_arr, (i,)))))
+        found = self._verify_finished(deep)
+        self._damaged = {p.shard for p in found if p.shard is not None}
+        return problems + sorted(found, key=lambda p: (p.shard if p.shard is not None else -1, p.array))
 
     def bytes_per_image(self) -> dict[str, float]:
         """Raw float16 bytes per image (from the shapes) and bytes on disk per written image."""
@@ -422,10 +612,19 @@ class FeatureStore:
             self._complete_arr[i] = False
             self._complete[i] = False
         for key in self.keys:
-            self._arrays[key][start:stop] = prepared[key]
+            arr = self._arrays[key]
+            f = self._file(arr, (i,) + (0,) * (arr.ndim - 1))
+            # Zarr reads the old shard's index even when overwriting the whole shard, and a
+            # truncated or corrupt index makes the write fail: a damaged file goes first.
+            if f.is_file() and self._check_index(key, f, i, start, stop, expect_valid=False):
+                f.unlink()
+            arr[start:stop] = prepared[key]
         self._valid_arr[start:stop] = v
+        self._valid_now[start:stop] = v
         self._complete_arr[i] = True
         self._complete[i] = True
+        if self._damaged is not None:
+            self._damaged.discard(i)  # every file of the shard was just rewritten
 
     def record_skipped(self, skipped: dict[str, str]) -> None:
         """Add ``{image_id: reason}`` for images left out with --skip-bad to the ``skipped`` attr.
@@ -478,15 +677,32 @@ class FeatureStore:
                 fix="finish the extraction by re-running the same `uld features` command",
             )
 
+    def _check_files(self, key: str, start: int, stop: int) -> None:
+        """A shard file deleted after the store was opened would read as zeros: refuse instead."""
+        arr = self._arrays[key]
+        for s in range(start // self.shard_size, (stop - 1) // self.shard_size + 1):
+            f = self._file(arr, (s,) + (0,) * (arr.ndim - 1))
+            if not f.is_file():
+                a, b = self.shard_range(s)
+                if self._valid_now[max(a, start) : min(b, stop)].any():
+                    raise StoreError(
+                        f"feature data of {key!r} for images {a}:{b} (shard {s}) is missing on disk",
+                        where=str(f),
+                        fix=_REPAIR_FIX,
+                    )
+
     def _get(self, key: str, start: int, stop: int) -> np.ndarray:
-        """Basic-slice read of rows [start, stop) of ``key``; decode failures become StoreError."""
+        """Basic-slice read of rows [start, stop) of ``key``; missing files and decode failures become StoreError."""
+        if stop > start:
+            self._check_files(key, start, stop)
         try:
             return np.asarray(self._arrays[key][start:stop])
         except (ValueError, RuntimeError, OSError) as exc:  # checksum mismatch, truncated shard file
             raise StoreError(
                 f"feature data of {key!r} rows {start}:{stop} cannot be decoded ({exc})",
                 where=str(self.path),
-                fix="the store is corrupt on disk: delete the folder and re-run `uld features`",
+                fix="the store is corrupt on disk: re-run the same `uld features` command with --deep, which re-extracts "
+                "the shards that fail to decode (or delete the folder and re-run it)",
             ) from None
 
     def read(self, start: int, stop: int, keys: list[str] | None = None) -> dict[str, np.ndarray]:

@@ -35,7 +35,9 @@ def prefect_harness(tmp_path_factory):
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=60):
+    # The server needs ~10 s on an idle machine but well over a minute on 2 cores shared
+    # with training jobs; a start-up timeout is not what these tests are about.
+    with prefect_test_harness(server_startup_timeout=300):
         yield
 
 

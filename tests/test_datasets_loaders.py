@@ -438,3 +438,43 @@ def test_holdout_rule_is_stable_and_about_ten_percent():
     assert 0.08 < np.mean(held) < 0.12
     assert held == [in_holdout(k) for k in keys]
     assert held != [in_holdout(k, seed=1) for k in keys]
+
+
+# --- annotation paths must stay inside the dataset folder ------------------------
+
+def test_mtfl_line_climbing_out_of_the_root_is_refused_with_file_and_line(tmp_path):
+    root = make_mtfl(tmp_path / "data" / "mtfl", n=4)
+    _all_train(root)
+    write_jpg(tmp_path / "secret.jpg")  # a real image: without the check it would be read
+    txt = root / "training.txt"
+    lines = txt.read_text().splitlines()
+    lines.insert(2, mtfl_line("..\\..\\secret.jpg", FACE5))
+    txt.write_text("\n".join(lines) + "\n")
+
+    with pytest.raises(DatasetError) as err:
+        get_loader("mtfl").load(root, "train")
+    assert "outside the dataset folder" in str(err.value) and f"{txt}, line 3" in err.value.where
+    manifest, skipped = get_loader("mtfl").load(root, "train", skip_bad=True)
+    assert len(manifest) == 4 and not any("secret" in p for p in manifest.frame["path"])
+    assert [(s.source, s.line) for s in skipped] == [(str(txt), 3)] and "outside the dataset folder" in skipped[0].reason
+
+    # Absolute paths are refused too (Windows drive letters included); a '..' that stays inside is fine.
+    from pipeline.datasets.annotations import path_inside
+
+    assert path_inside(root, "C:\\faces\\a.jpg") is None and path_inside(root, "/etc/a.jpg") is None
+    assert path_inside(root, "lfw_5590\\..\\lfw_5590\\p_000.jpg") == root / "lfw_5590" / "p_000.jpg"
+
+
+def test_mafl_list_entry_climbing_out_of_the_image_folder_is_refused(tmp_path):
+    root = make_mafl(tmp_path / "celeba", n=4, n_test=1)
+    write_jpg(tmp_path / "outside.jpg", w=178, h=218)
+    anno = root / "Anno" / "list_landmarks_align_celeba.txt"
+    lines = anno.read_text().splitlines()
+    lines[0] = "5"
+    lines.append("../../../outside.jpg  50 70 90 70 70 90 55 110 85 110")
+    anno.write_text("\n".join(lines) + "\n")
+    listing = root / "MAFL" / "training.txt"
+    listing.write_text(listing.read_text() + "../../../outside.jpg\n")
+    with pytest.raises(DatasetError, match="outside the dataset folder") as err:
+        get_loader("mafl").load(root, "train")
+    assert f"{listing}, line 4" in err.value.where

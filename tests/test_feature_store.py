@@ -260,3 +260,92 @@ def test_zstd_option_and_corruption_is_detected(tmp_path):
     with pytest.raises(StoreError, match="cannot be decoded") as err:
         FeatureStore.open(tmp_path / "s").read(0, 4)
     assert "delete the folder" in err.value.fix
+
+
+def _shard_file(root, key: str, shard: int):
+    return root / "features" / key / "c" / str(shard) / "0" / "0" / "0"
+
+
+def test_deleted_shard_file_is_named_not_read_as_zeros_and_rewrite_repairs(tmp_path):
+    feats = _features()
+    _fill(_create(tmp_path / "s"), feats)
+    victim = _shard_file(tmp_path / "s", "up1.res1@t50", 1)
+    original = victim.read_bytes()
+    assert FeatureStore.open(tmp_path / "s").verify() == []
+    victim.unlink()
+
+    # Opening for reading names the array, the image range and the file, and says what to run.
+    with pytest.raises(StoreError, match="damaged") as err:
+        FeatureStore.open(tmp_path / "s")
+    assert "features/up1.res1@t50 images 4:8 (shard 1)" in str(err.value) and str(victim) in str(err.value)
+    assert "uld features" in err.value.fix
+    st = FeatureStore.open(tmp_path / "s", require_complete=False)
+    problems = st.verify()
+    assert [(p.array, p.start, p.stop, p.shard) for p in problems] == [("features/up1.res1@t50", 4, 8, 1)]
+    assert problems[0].problem == "shard file missing" and problems[0].path == str(victim)
+    # The marker is still set, yet the shard counts as missing, and a direct read refuses.
+    assert st.unfinished_shards() == [] and st.missing_shards() == [1] and not st.is_complete()
+    with pytest.raises(StoreError, match="missing on disk"):
+        st.read(0, N, keys=["up1.res1@t50"])
+    assert st.read(0, N, keys=["up0.res1@t50"])["up0.res1@t50"].shape[0] == N  # other keys still read
+
+    # Rewriting the missing shards (what `uld features` does) restores the same bytes.
+    w = FeatureStore.open(tmp_path / "s", require_complete=False, writable=True)
+    _fill(w, feats, shards=w.missing_shards())
+    assert victim.read_bytes() == original
+    assert FeatureStore.open(tmp_path / "s").verify() == []
+
+
+def test_verify_finds_truncated_shards_lost_flags_and_unfinished_shards(tmp_path):
+    feats = _features()
+    store = _create(tmp_path / "s")
+    _fill(store, feats, shards=[0, 1])
+    st = FeatureStore.open(tmp_path / "s", require_complete=False)
+    assert [(p.array, p.shard) for p in st.verify()] == [("complete", 2)]  # never written
+
+    # Truncation: the shard index at the end of the file is gone.
+    f0 = _shard_file(tmp_path / "s", "up0.res1@t50", 0)
+    f0.write_bytes(f0.read_bytes()[:-10])
+    # A lost validity chunk would silently turn the images of shard 1 into "skipped".
+    (tmp_path / "s" / "valid" / "c" / "1").unlink()
+    st = FeatureStore.open(tmp_path / "s", require_complete=False)
+    got = {(p.array, p.shard): p.problem for p in st.verify()}
+    assert got[("features/up0.res1@t50", 0)] == "shard index checksum mismatch"
+    assert "validity flags missing" in got[("valid", 1)]
+    assert st.missing_shards() == [0, 1, 2]
+
+    # A whole-store array cannot be re-extracted: the fix is a rebuild.
+    (tmp_path / "s" / "crop_box" / "c" / "0" / "0").unlink()
+    _fill(FeatureStore.open(tmp_path / "s", require_complete=False, writable=True), feats)
+    with pytest.raises(StoreError, match="crop_box") as err:
+        FeatureStore.open(tmp_path / "s")
+    assert "delete the folder" in err.value.fix
+
+
+def test_deep_verify_decodes_every_chunk(tmp_path):
+    feats = _features()
+    _fill(_create(tmp_path / "s"), feats)
+    f = _shard_file(tmp_path / "s", "up1.res1@t150", 2)
+    raw = bytearray(f.read_bytes())
+    raw[3] ^= 0xFF  # inside the first chunk's data: the index is intact
+    f.write_bytes(bytes(raw))
+    st = FeatureStore.open(tmp_path / "s")  # the cheap check cannot see a flipped data bit
+    assert st.verify() == []
+    deep = st.verify(deep=True)
+    assert [(p.array, p.shard) for p in deep] == [("features/up1.res1@t150", 2)] and "cannot be decoded" in deep[0].problem
+    assert st.missing_shards() == [2]  # what the deep check found is now due for re-extraction
+    w = FeatureStore.open(tmp_path / "s", require_complete=False, writable=True)
+    w.verify(deep=True)
+    _fill(w, feats, shards=w.missing_shards())
+    assert FeatureStore.open(tmp_path / "s").verify(deep=True) == []
+
+
+def test_shard_of_skipped_images_only_is_not_a_problem(tmp_path):
+    feats = _features()
+    store = _create(tmp_path / "s")
+    store.record_skipped({f"img_{i:03d}": "unreadable" for i in range(4)})
+    zero = {k: np.zeros_like(v[:4]) for k, v in feats.items()}
+    store.write_shard(0, zero, valid=np.zeros(4, bool))  # zarr stores no file for an all-fill shard
+    _fill(store, feats, shards=[1, 2])
+    st = FeatureStore.open(tmp_path / "s")
+    assert st.verify() == [] and not st.valid[:4].any() and st.valid[4:].all()

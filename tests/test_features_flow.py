@@ -8,6 +8,7 @@ the DiffusionBackbone contract; images are PNGs the test writes.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -257,3 +258,93 @@ def test_cli_help_and_missing_manifest(prefect_harness, tmp_path, monkeypatch):
     assert "datasets manifest mtfl" in res.exception.fix
     res = runner.invoke(app, ["features", "--dataset", "mtfl", "--timesteps", "a,b"])
     assert "comma-separated integers" in str(res.exception)
+
+
+def _features_cli(home: Path, *args: str):
+    import typer
+    from typer.testing import CliRunner
+
+    from flows import cli, cli_features
+
+    app = typer.Typer()
+    app.callback()(cli._main)  # the real global options
+    cli_features.register(app)
+    return CliRunner().invoke(app, ["--home", str(home), "features", *args])
+
+
+def test_deleted_shard_file_is_refused_listed_by_verify_locked_and_repaired_bit_identically(prefect_harness, toy, tmp_path):
+    """A shard file deleted from a finished store: readers refuse it by name, `--verify` lists it,
+    a second writer is locked out, and re-running `uld features` re-extracts exactly those bytes."""
+    from flows.features import complete_store_path, open_features
+    from pipeline.backbones.ddpm import CategoryDDPM
+    from pipeline.errors import BusyError
+    from storage.locks import WriterLock
+
+    torch.manual_seed(0)
+    bdir = tmp_path / "tinyddpm"
+    CategoryDDPM.create(image_size=16, name="tinyddpm", block_out_channels=(8, 8, 16, 16), attention_head_dim=8,
+                        norm_num_groups=4).save_pretrained(bdir)
+    home = tmp_path / "ws"
+    toy["write"](home)
+    opts = ["--dataset", "toy", "--backbone", str(bdir), "--size", "16", "--timesteps", "50", "--shard-size", str(SHARD), "--batch-size", "3"]
+    res = _features_cli(home, *opts)
+    assert res.exit_code == 0, res.output
+    (path,) = (home / "features" / "toy" / "tinyddpm.zarr").glob("[!.]*")
+    store = FeatureStore.open(path)
+    assert store.n_shards() == 3 and store.verify() == []
+    reference = _all(store)
+    key = store.keys[0]
+    victim = path / "features" / key / "c" / "1" / "0" / "0" / "0"
+    original = victim.read_bytes()
+    victim.unlink()
+
+    # Readers: a StoreError naming the array, the image range and the file, with the command to run.
+    with pytest.raises(StoreError, match="damaged") as err:
+        FeatureStore.open(path)
+    assert f"features/{key} images 4:8 (shard 1)" in str(err.value) and str(victim) in str(err.value)
+    backbone = CategoryDDPM.from_pretrained(bdir, name="tinyddpm")
+    spec = FeatureSpec(image_size=16, timesteps=(50,), noise_seed=0)
+    with pytest.raises(StoreError, match="damaged") as err:
+        open_features(home, "toy", backbone, spec)
+    assert "features --dataset toy --backbone tinyddpm" in err.value.fix
+    assert complete_store_path("toy", backbone, spec, home=home) is None  # not "nothing to do"
+
+    res = _features_cli(home, *opts, "--verify")
+    assert isinstance(res.exception, StoreError) and "1 problem(s)" in str(res.exception)
+    assert f"features/{key} images 4:8 (shard 1): shard file missing" in res.output
+
+    # One writer per store: while another holder has the lock, extraction refuses to start.
+    with WriterLock(path, "feature store"):
+        res = _features_cli(home, *opts)
+    assert isinstance(res.exception, BusyError)
+    assert f"another uld process is writing {path} (pid {os.getpid()})" in str(res.exception)
+
+    others = {p: p.stat().st_mtime_ns for p in (path / "features").rglob("c/[02]/0/0/0")}  # shards 0 and 2
+    assert len(others) == 2 * len(store.keys)
+    res = _features_cli(home, *opts)
+    assert res.exit_code == 0, res.output
+    assert victim.read_bytes() == original  # the same bytes as the first extraction
+    assert {p: p.stat().st_mtime_ns for p in others} == others  # the other shards were not rewritten
+    repaired = _all(FeatureStore.open(path))
+    for k in reference:
+        assert np.array_equal(repaired[k].view(np.uint16), reference[k].view(np.uint16)), k
+    res = _features_cli(home, *opts, "--verify", "--deep")
+    assert res.exit_code == 0 and "verified:   complete" in res.output, res.output
+
+
+def test_a_split_without_one_readable_image_is_an_error_not_a_store(prefect_harness, toy, tmp_path):
+    from flows.features import extract_features
+
+    home = tmp_path / "ws"
+    toy["write"](home)
+    test_images = toy["paths"][N_TRAIN:]
+    saved = [p.read_bytes() for p in test_images]
+    try:
+        for p in test_images:
+            p.write_bytes(b"")
+        with pytest.raises(DatasetError, match=f"none of the {N_TEST} test images could be read") as err:
+            extract_features("toy", TinyUNetBackbone(), SPEC, home=home, batch_size=4, shard_size=SHARD, skip_bad=True)
+    finally:
+        for p, b in zip(test_images, saved):
+            p.write_bytes(b)
+    assert "img_07" in str(err.value) and "delete the store folder" in err.value.fix

@@ -15,6 +15,7 @@ out-of-image tolerance.
 from __future__ import annotations
 
 import hashlib
+import posixpath
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -183,6 +184,36 @@ def in_holdout(key: str, fraction: float = HOLDOUT_FRACTION, seed: int = HOLDOUT
     """
     digest = hashlib.blake2b(f"{seed}:{key}".encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2.0**64 < fraction
+
+
+def path_inside(base: Path, rel: str) -> Path | None:
+    """``base / rel`` when ``rel`` (a path read from an annotation file) stays inside ``base``, else None.
+
+    Refused: absolute paths (``/x``, ``C:\\x``) and any ``..`` that climbs above
+    ``base`` (``..\\..\\etc\\x.jpg``), backslashes counting as separators. The check is
+    lexical on purpose: a symlink the user placed inside the dataset folder (image
+    folders on another disk are common) is the user's choice and keeps working;
+    what an annotation file says is not trusted to name files outside the folder.
+    """
+    text = rel.replace("\\", "/")
+    drive = len(text) >= 2 and text[1] == ":" and text[0].isalpha()  # C:/... (Windows)
+    if text.startswith("/") or drive:
+        return None
+    norm = posixpath.normpath(text)
+    if norm in (".", "..") or norm.startswith("../"):
+        return None
+    return Path(base) / norm
+
+
+def image_path(base: Path, rel: str, source: str | Path, line: int) -> Path:
+    """:func:`path_inside`, or a :class:`BadItem` naming the annotation file and line."""
+    path = path_inside(base, rel)
+    if path is None:
+        raise BadItem(
+            f"image path {rel!r} points outside the dataset folder {base}",
+            source, line, fix="annotation paths must be relative to the dataset folder and stay inside it; repair the line",
+        )
+    return path
 
 
 def relative_key(path: Path, root: Path) -> str:

@@ -20,7 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.datasets.annotations import (
-    BadItem, Problems, check_in_image, checked_size, expand_box, frame, in_frame, parse_numbers, read_lines, require_file,
+    BadItem, Problems, check_in_image, checked_size, expand_box, frame, image_path, in_frame, parse_numbers, read_lines,
+    require_file,
 )
 from pipeline.datasets.base import DatasetLoader, DatasetMeta, SkipRecord, manifest_row
 from pipeline.datasets.mtfl import FACE5_GROW, FACE5_NAMES
@@ -92,7 +93,7 @@ class MAFLLoader(DatasetLoader):
                 anno_line, coords = records[name]
                 values = parse_numbers(coords, 10, anno, anno_line, "the 5 CelebA points (10 numbers)")
                 points = values.reshape(5, 2)
-                image = images_dir / name
+                image = image_path(images_dir, name, listing, lineno)
                 width, height = checked_size(image, listing, lineno)
                 check_in_image(points, width, height, anno, anno_line)
             except BadItem as item:

@@ -35,8 +35,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.datasets.annotations import (
-    BadItem, Problems, check_in_image, checked_size, expand_box, frame, in_frame, in_holdout, parse_numbers, read_lines,
-    require_file,
+    BadItem, Problems, check_in_image, checked_size, expand_box, frame, image_path, in_frame, in_holdout, parse_numbers,
+    read_lines, require_file,
 )
 from pipeline.datasets.base import DatasetLoader, DatasetMeta, SkipRecord, manifest_row
 from pipeline.errors import DatasetError
@@ -89,7 +89,7 @@ def read_mtfl_file(
                               fix="repair the attribute columns")
             if attrs[3] not in (1, 2, 3, 4, 5):
                 raise BadItem(f"head pose must be 1..5, got {attrs[3]:g}", txt, lineno, fix="repair the pose column")
-            image = root / key
+            image = image_path(root, key, txt, lineno)
             width, height = checked_size(image, txt, lineno)
             points = np.stack([xs, ys], axis=1)
             check_in_image(points, width, height, txt, lineno)

@@ -63,6 +63,7 @@ import pandas as pd
 from PIL import Image
 
 from pipeline.datasets import synthetic_render as _r
+from pipeline.datasets.annotations import path_inside
 from pipeline.datasets.base import DatasetLoader, DatasetMeta, SkipRecord, manifest_row
 from pipeline.errors import ConfigError, DatasetError
 from storage.atomic import atomic_path, write_bytes, write_json
@@ -420,7 +421,9 @@ class SyntheticLoader(DatasetLoader):
             raise DatasetError(f"visibility flags must be 0 or 1, got {vis}", fix=fix)
         if not all(math.isfinite(v) for v in nums.values()):
             raise DatasetError("non-finite number in row", fix=fix)
-        image = root / d["file"]
+        image = path_inside(root, d["file"])
+        if image is None:
+            raise DatasetError(f"image path {d['file']!r} points outside the dataset folder {root}", fix=fix)
         if not image.is_file():
             raise DatasetError(f"image file not found: {image}", fix=fix)
         try:
