@@ -126,7 +126,7 @@ def landmark_overlay(image: np.ndarray, points: np.ndarray, detected: np.ndarray
     ax.imshow(img, extent=(0, w, h, 0), interpolation="nearest")  # pixel j's centre at j + 0.5
     colours = landmark_colours(len(pts))
     ok = ~np.isnan(pts).any(axis=1)
-    dot = max(12.0, 60.0 / max(1, len(pts)) ** 0.5)
+    dot = max(30.0, 120.0 / max(1, len(pts)) ** 0.5)  # points^2: readable on a 6-inch figure
     ax.scatter(pts[ok & det, 0], pts[ok & det, 1], s=dot, c=colours[ok & det], edgecolors="white", linewidths=0.5)
     ax.scatter(pts[ok & ~det, 0], pts[ok & ~det, 1], s=dot, facecolors="none", edgecolors=colours[ok & ~det], linewidths=1.0)
     ax.set_xlim(0, w)
