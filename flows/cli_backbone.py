@@ -113,4 +113,63 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"feature spec: layers {','.join(chosen)}, timesteps {ts}")
         typer.echo(f"bytes/image: {total:,} ({total / 1024:.1f} KiB) in float16")
 
+    @sub.command("probe")
+    def probe_cmd(
+        ctx: typer.Context,
+        dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset whose manifests exist in the workspace; the probe uses train images only."),
+        backbone: str = typer.Option("shipped", "--backbone", "-b", help="Backbone: `shipped`, a workspace backbone name, a folder, or a hub id."),
+        timesteps: str = typer.Option("25,50,100,150,250,400,600", "--timesteps", help="Comma-separated timesteps to probe."),
+        layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated layers to probe [default: every layer of the backbone]."),
+        size: int = typer.Option(64, "--size", help="Crop size in pixels fed to the UNet (as in `uld features`)."),
+        crop_margin: float = typer.Option(0.15, "--crop-margin", help="Margin around the object box, as a fraction of its size (as in `uld features`)."),
+        reduce_channels: Optional[int] = typer.Option(None, "--reduce-channels", help="Project each layer to this many channels (as in `uld features`)."),
+        store: Optional[Path] = typer.Option(None, "--store", help="Probe this feature store folder instead of finding (or extracting) it from the options."),
+        n_images: int = typer.Option(100, "--n-images", min=2, help="Validation subset: this many train images (BLAKE2b of id and --seed; never test images)."),
+        n_pairs: int = typer.Option(200, "--n-pairs", min=1, help="Random ordered image pairs (A -> B) of the subset."),
+        alpha: float = typer.Option(0.1, "--alpha", help="A transfer is correct within alpha x the object size of B."),
+        object_size: str = typer.Option("max_side", "--object-size", help="max_side | sqrt_area of B's ground-truth landmark box (crop pixels)."),
+        stride: int = typer.Option(1, "--stride", min=1, help="Search B's crop on a grid of this stride (1 = every pixel)."),
+        zeroshot: bool = typer.Option(True, "--zeroshot/--no-zeroshot", help="Also run ZeroShot on the best combinations and the default spec (slower)."),
+        zeroshot_top: int = typer.Option(3, "--zeroshot-top", min=1, help="How many best combinations ZeroShot checks."),
+        k: int = typer.Option(10, "-k", "--k", help="ZeroShot landmarks K."),
+        zeroshot_train_images: Optional[int] = typer.Option(None, "--zeroshot-train-images", help="Fit ZeroShot and its regressors on a seeded subset of this many remaining train images [default: all]."),
+        n_regressor_images: int = typer.Option(300, "--n-regressor-images", help="Images per NME regressor fit (0 = all)."),
+        repeats: int = typer.Option(5, "--repeats", help="NME regressor fits on different random subsets, averaged."),
+        write_default: bool = typer.Option(False, "--write-default", help="Store the best layers x timesteps in the backbone's uld_backbone.json (DDPM folders; not the shipped one)."),
+        default_dir: Optional[Path] = typer.Option(None, "--default-dir", help="Store the best spec in this backbone folder (implies --write-default; the only way to change the shipped backbone's defaults)."),
+        top: int = typer.Option(10, "--top", help="Rows of the printed table."),
+    ) -> None:
+        """Transfer PCK of hyperfeatures (DIFT-style keypoint transfer): which layers and timesteps carry correspondence.
+
+        For random pairs (A, B) of a fixed validation subset of train images, each visible
+        ground-truth landmark of A is matched to the most similar pixel of B (cosine of the
+        ZeroShot descriptors); correct when within alpha x the object size of B. Scores every
+        layer@t key and combinations (all keys, per layer, per timestep, best 2 / 3), then runs
+        ZeroShot (fitted on the other train images) on the best ones. Reuses the feature store
+        (or extracts it), writes probes/<dataset>/<backbone>/<store>/probe.parquet and
+        probe.png, and prints the best combinations.
+        """
+        from flows.cli import settings
+        from flows.cli_options import feature_spec
+        from flows.features import check_manifests
+        from flows.probe import probe, summary_table
+        from pipeline.settings import resolve_device
+
+        s = settings(ctx)
+        if store is None:
+            check_manifests(s.home, dataset, s.data_root)  # one clear line before Prefect starts
+        spec = feature_spec(size, timesteps, layers, crop_margin, reduce_channels, s.seed)
+        out = probe(
+            dataset, backbone, spec, home=s.home, device=resolve_device(s.device), all_layers=layers is None, store_path=store,
+            n_images=n_images, n_pairs=n_pairs, alpha=alpha, object_size=object_size, stride=stride, seed=s.seed,
+            zeroshot=zeroshot, zeroshot_top=zeroshot_top, k=k, zeroshot_train_images=zeroshot_train_images,
+            n_regressor_images=n_regressor_images or None, repeats=repeats, write_default=write_default, default_dir=default_dir,
+        )
+        typer.echo(summary_table(out, top))
+        typer.echo(f"table:  {out['table']}\nfigure: {out['figure']}")
+        if out["written"] is not None:
+            typer.echo(f"defaults written: {out['written']} <- {'+'.join(out['written_keys'])}")
+            typer.echo("note: stores extracted earlier for this backbone without --layers used the old default layers; "
+                       "a stage that meets one reports the mismatch and asks to rebuild it.")
+
     app.add_typer(sub)

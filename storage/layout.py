@@ -16,6 +16,7 @@
       runs/<run_id>/errors.parquet               per-image errors (CED, yaw splits)
       runs/<run_id>/checkpoints/<stage>-<round>/ safetensors + config.json
       runs/<run_id>/figures/*.png                plots
+      probes/<dataset>/<backbone>/<store_hash>/  feature probe: probe.parquet + probe.png
 
 Paths are computed here and nowhere else.
 """
@@ -76,6 +77,11 @@ class Workspace:
     # backbones ------------------------------------------------------------
     def backbone_dir(self, name: str) -> Path:
         return self.home / "backbones" / check_name("backbone", name)
+
+    # feature probes -------------------------------------------------------
+    def probe_dir(self, dataset: str, backbone: str, store_hash: str) -> Path:
+        """Results of ``uld backbone probe`` on the feature store ``store_hash`` (a re-run overwrites them)."""
+        return self.home / "probes" / check_name("dataset", dataset) / check_name("backbone", backbone) / check_name("store hash", store_hash)
 
     # runs -----------------------------------------------------------------
     def run_dir(self, run_id: str) -> Path:

@@ -139,6 +139,35 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("yaw", pa.float32()),
         ]
     ),
+    # Feature probe (``uld backbone probe``): transfer PCK per feature combination, one row
+    # per (combination, kind, landmark); landmark = -1 is the overall PCK. ``features`` is the
+    # '+'-joined sorted keys; layer / timestep are set when the combination has one layer /
+    # one timestep ('' / -1 otherwise, e.g. for the all-key combination);
+    # ``kind`` says how the combination was chosen (single, layer, timestep, all, best2, ...);
+    # the ZeroShot columns are NaN except on the overall rows of the combinations run through it.
+    "probe": pa.schema(
+        [
+            pa.field("backbone", pa.string()),
+            pa.field("dataset", pa.string()),
+            pa.field("features", pa.string()),
+            pa.field("kind", pa.string()),
+            pa.field("n_keys", pa.int32()),
+            pa.field("layer", pa.string()),
+            pa.field("timestep", pa.int32()),
+            pa.field("alpha", pa.float32()),
+            pa.field("object_size", pa.string()),
+            pa.field("landmark", pa.int32()),
+            pa.field("landmark_name", pa.string()),
+            pa.field("pck", pa.float64()),
+            pa.field("pck_norm", pa.float64()),
+            pa.field("pck_chance", pa.float64()),
+            pa.field("n_pairs", pa.int32()),
+            pa.field("n_points", pa.int32()),
+            pa.field("nme_forward", pa.float64()),
+            pa.field("nme_backward", pa.float64()),
+            pa.field("hungarian_acc", pa.float64()),
+        ]
+    ),
 }
 
 # Columns added to a schema after tables of that kind were written: the value older
