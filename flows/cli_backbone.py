@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         spec: str = typer.Argument("shipped", help="Backbone: `shipped`, a workspace backbone name, a folder, or a hub id."),
         size: int = typer.Option(64, "--size", help="Input crop size for the shapes and bytes shown."),
-        timesteps: str = typer.Option("50,150", "--timesteps", help="Comma-separated timesteps of the feature spec."),
+        timesteps: Optional[str] = typer.Option(None, "--timesteps", help="Comma-separated timesteps of the feature spec [default: the backbone's default timesteps, else 50,150]."),
         layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated layers [default: the backbone's default layers]."),
     ) -> None:
         """Show a backbone's identity, all its layers with their shapes at --size,
@@ -95,7 +95,10 @@ def register(app: typer.Typer) -> None:
 
         s = settings(ctx)
         model = load_backbone(spec, "cpu", home=s.home)
-        ts = model.feature_timesteps(int_list(timesteps, "--timesteps"))  # `pixels`: one placeholder t0
+        from pipeline.backbones.defaults import default_timesteps
+
+        asked = default_timesteps(spec, s.home) if timesteps is None else int_list(timesteps, "--timesteps")
+        ts = model.feature_timesteps(asked)  # `pixels`: one placeholder t0
         chosen = list(str_list(layers)) or model.default_layers()
         all_shapes = model.feature_shapes(size, model.layer_names())
         typer.echo(f"backbone:  {backbone_name(spec)} ({type(model).__name__})")
