@@ -38,11 +38,18 @@ for ds in mtfl catheads; do
 done
 [ "${REFERENCES_ONLY:-0}" = 1 ] && exit 0
 
+# The global --seed is also the feature extraction's noise seed (part of the
+# store's name), so runs with other method seeds read the seed-0 store by path.
+store_of() { $py -c "import json,sys; print(json.load(open(sys.argv[1]))['store_path'])" "$home/runs/$1/config.json"; }
 for ds in mtfl catheads; do
   $uld features --dataset $ds --backbone "$B"
+  $uld zeroshot --dataset $ds --backbone "$B" -k 10 --run-id $ds-zs-box-s0
+  $uld zeroshot --dataset $ds --backbone "$B" -k 10 --roi foreground --run-id $ds-zs-fg-s0
+  store=$(store_of $ds-zs-box-s0)
   for s in $SEEDS; do
-    $uld --seed $s zeroshot --dataset $ds --backbone "$B" -k 10 --run-id $ds-zs-box-s$s
-    $uld --seed $s zeroshot --dataset $ds --backbone "$B" -k 10 --roi foreground --run-id $ds-zs-fg-s$s
+    [ "$s" = 0 ] && continue
+    $uld --seed $s zeroshot --dataset $ds --store "$store" -k 10 --run-id $ds-zs-box-s$s
+    $uld --seed $s zeroshot --dataset $ds --store "$store" -k 10 --roi foreground --run-id $ds-zs-fg-s$s
   done
   for s in ${DULD_SEEDS:-0}; do
     $uld --seed $s duld --dataset $ds --backbone "$B" -k 10 --rounds 3 --run-id $ds-duld-s$s --no-progress
