@@ -38,7 +38,26 @@ def prefect_harness(tmp_path_factory):
     # The server needs ~10 s on an idle machine but well over a minute on 2 cores shared
     # with training jobs; a start-up timeout is not what these tests are about.
     with prefect_test_harness(server_startup_timeout=300):
+        _warm_up_prefect_logging()
         yield
+
+
+def _warm_up_prefect_logging() -> None:
+    """Run one trivial flow now, outside any test.
+
+    Prefect's console log handler binds to the stream that is ``sys.stderr`` when
+    it first prints. If that first print happens inside typer's CliRunner, the
+    stream is CliRunner's capture buffer, closed when the invocation ends, and
+    every later Prefect log line in the session fails ("I/O operation on closed
+    file"), so tests failed or passed depending on their order.
+    """
+    from prefect import flow
+
+    @flow(name="warm-up-logging")
+    def warm_up() -> None:
+        return None
+
+    warm_up()
 
 
 @pytest.fixture
