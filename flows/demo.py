@@ -40,8 +40,12 @@ class DemoConfig:
     backbone: str = "shipped"
 
     def tag(self) -> str:
-        """Short hash naming this configuration's runs, so changed options never mix results."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+        """Short hash naming this configuration's runs, so changed options never mix results.
+
+        The feature spec is in it too: when the crops change (FeatureSpec.crop_rule) the
+        store changes, and runs of the old store must not be resumed against the new one."""
+        payload = {**asdict(self), "spec": self.spec().to_json()}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
 
     def spec(self) -> FeatureSpec:
         return FeatureSpec(image_size=self.crop_size, noise_seed=self.seed)
