@@ -89,6 +89,41 @@ def load_training_crops(home: Path, dataset: str, image_size: int, margin: float
     return crops
 
 
+def init_from_label(spec: str) -> str:
+    """How a warm start is recorded: the backbone's folder name, never a machine path."""
+    from pipeline.backbones.loading import backbone_name
+
+    return backbone_name(spec)
+
+
+def load_init_model(spec: str, home: Path, image_size: int, channels: tuple[int, ...] | None):
+    """The DDPM a warm-started run continues (fp32), checked against the run's settings."""
+    from pipeline.backbones.ddpm import CategoryDDPM
+    from pipeline.backbones.loading import load_backbone
+
+    model = load_backbone(spec, home=home)
+    if not isinstance(model, CategoryDDPM):
+        raise ConfigError(
+            f"--init-from {spec!r} is a {model.kind!r} backbone; only a DDPM can be trained further",
+            where="--init-from",
+            fix="pass a folder written by `uld backbone train` (or `shipped`)",
+        )
+    if model.image_size != image_size:
+        raise ConfigError(
+            f"--init-from {spec!r} was trained at {model.image_size} px, not {image_size}",
+            where="--size",
+            fix=f"use --size {model.image_size}",
+        )
+    have = tuple(int(c) for c in model.unet.config.block_out_channels)
+    if channels is not None and tuple(channels) != have:
+        raise ConfigError(
+            f"--channels {','.join(map(str, channels))} differs from the initial model's {','.join(map(str, have))}",
+            where="--channels",
+            fix="leave --channels out: a warm start keeps the initial model's architecture",
+        )
+    return model
+
+
 @task(name="train-ddpm", cache_policy=NO_CACHE)
 def fit_ddpm(model, crops: np.ndarray, config, checkpoint_dir: Path):
     from pipeline.backbones.training import train_ddpm
@@ -115,12 +150,20 @@ def train_backbone(
     threads: int | None = None,
     channels: tuple[int, ...] | None = None,
     flip: bool = False,
+    init_from: str | None = None,
 ) -> dict:
-    """Train (or resume, or re-export) a DDPM backbone on ``dataset``; returns a summary dict."""
+    """Train (or resume, or re-export) a DDPM backbone on ``dataset``; returns a summary dict.
+
+    ``init_from`` (a backbone spec: a folder, ``shipped``, a workspace backbone
+    name) continues training from that model's exported weights with a fresh
+    optimiser, for when its resumable checkpoints are gone (only the exported
+    EMA weights travel with a shipped backbone). The architecture is the
+    initial model's; ``steps`` counts the steps of this run only.
+    """
     import torch
 
     from pipeline.backbones.ddpm import CategoryDDPM, unet_arch
-    from pipeline.backbones.training import TrainConfig, list_checkpoints
+    from pipeline.backbones.training import TrainConfig, list_checkpoints, weights_fingerprint
 
     log = get_run_logger()
     if save_dtype not in _DTYPES:
@@ -131,13 +174,27 @@ def train_backbone(
     name = name or default_name(dataset, image_size)
     target = ws.backbone_dir(name)
     ckpt_dir = target / "checkpoints"
-    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every, flip=flip)
+    init = None
+    if init_from is not None:
+        model = load_init_model(init_from, Path(home), image_size, channels).to(device)
+        model.name = name
+        init = {
+            "backbone": init_from_label(init_from),
+            "weights": weights_fingerprint(model.unet),
+            "steps": (model.meta.get("training") or {}).get("steps"),
+            "train_wall_seconds_total": (model.meta.get("training") or {}).get("train_wall_seconds_total"),
+        }
+    config = TrainConfig(
+        steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every, flip=flip,
+        init_weights=None if init is None else init["weights"],
+    )
     config.validate()
 
     crops = load_training_crops(Path(home), dataset, image_size, margin, limit)
     torch.manual_seed(seed)  # the UNet's random init
-    arch = {} if channels is None else unet_arch(channels)
-    model = CategoryDDPM.create(image_size=image_size, name=name, **arch).to(device)
+    if init is None:
+        arch = {} if channels is None else unet_arch(channels)
+        model = CategoryDDPM.create(image_size=image_size, name=name, **arch).to(device)
     had = list_checkpoints(ckpt_dir)
     if had:
         log.info("resuming from %s", had[-1][1])
@@ -159,6 +216,7 @@ def train_backbone(
         "ema_decay": config.ema_decay,
         "flip": config.flip,
         "final_loss_mean_last_100": round(result.final_loss(100), 5),
+        **({} if init is None else {"init_from": init}),
         # None when the run was resumed from checkpoints that predate time tracking
         "train_wall_seconds_total": None if result.total_wall_seconds is None else round(result.total_wall_seconds, 1),
         "machine": machine_description(),

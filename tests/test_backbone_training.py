@@ -224,3 +224,34 @@ def test_train_flow_and_cli(prefect_harness, workspace, tmp_path):
     res = runner.invoke(app, ["--home", str(workspace.home), "backbone", "info", "tiny", "--size", "32"])
     assert res.exit_code == 0, res.output
     assert "up2.res1" in res.output and "bytes/image: 32,768" in res.output  # (32*8*8 + 24*16*16) * 2 t * 2 B
+
+
+def test_warm_start_from_exported_weights(prefect_harness, workspace, tmp_path):
+    """--init-from continues an exported backbone (no checkpoints), resumes, and never mixes starts."""
+    from flows.backbone import train_backbone
+    from pipeline.backbones.loading import load_backbone
+    from pipeline.backbones.training import weights_fingerprint
+
+    _synthetic_workspace(workspace)
+    common = dict(dataset="synthetic", home=workspace.home, batch_size=2, image_size=32, checkpoint_every=2)
+    train_backbone(steps=2, name="first", out=tmp_path / "first", **common)
+    first = load_backbone(str(tmp_path / "first"))
+    start = weights_fingerprint(first.unet)
+
+    summary = train_backbone(steps=2, name="second", init_from=str(tmp_path / "first"), **common)
+    init = summary["init_from"]
+    assert init == {"backbone": "first", "weights": start, "steps": 2, "train_wall_seconds_total": init["train_wall_seconds_total"]}
+    second = load_backbone("second", home=workspace.home)
+    assert second.unet.config.block_out_channels == first.unet.config.block_out_channels
+    assert weights_fingerprint(second.unet) != start  # it trained
+    assert json.loads((workspace.backbone_dir("second") / "uld_backbone.json").read_text())["training"]["init_from"]["weights"] == start
+
+    # raising --steps resumes the warm-started run from its own checkpoint
+    assert train_backbone(steps=3, name="second", init_from=str(tmp_path / "first"), **common)["steps"] == 3
+    # the same checkpoints with another start (here: a random init) are refused
+    with pytest.raises(ConfigError, match="init_weights"):
+        train_backbone(steps=4, name="second", **common)
+    with pytest.raises(ConfigError, match="--channels"):
+        train_backbone(steps=2, name="third", init_from=str(tmp_path / "first"), channels=(8, 16, 32, 64), **common)
+    with pytest.raises(ConfigError, match="32 px"):
+        train_backbone(**{**common, "image_size": 64}, steps=2, name="fourth", init_from=str(tmp_path / "first"))

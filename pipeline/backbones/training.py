@@ -69,6 +69,11 @@ class TrainConfig:
     # the extra data. Turn it on only for categories whose landmarks are
     # symmetric-agnostic.
     flip: bool = False
+    # Fingerprint of the weights the run started from (``weights_fingerprint``)
+    # when it continues an exported backbone instead of a random init; part of
+    # the trajectory, so a checkpoint of a warm-started run never resumes a
+    # run with another start (or none).
+    init_weights: str | None = None
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
 
@@ -111,6 +116,16 @@ class TrainResult:
         """Mean loss over the last ``window`` steps (single-step losses are very noisy)."""
         tail = self.losses[-window:]
         return float(np.mean(tail)) if tail else math.nan
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A hash of a module's parameters and buffers (names, dtypes, shapes and values)."""
+    h = hashlib.blake2b(digest_size=8)
+    for key, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def crops_fingerprint(crops: np.ndarray) -> str:
@@ -296,8 +311,9 @@ def train_ddpm(
             problems = []
             if state["data"] != fingerprint:
                 problems.append("the training images differ")
-            if state["trajectory"] != config.trajectory():
-                diff = {k: (state["trajectory"].get(k), v) for k, v in config.trajectory().items() if state["trajectory"].get(k) != v}
+            # A field added after a checkpoint was written reads as its default (None).
+            diff = {k: (state["trajectory"].get(k), v) for k, v in config.trajectory().items() if state["trajectory"].get(k) != v}
+            if diff:
                 problems.append(f"settings differ (checkpoint, now): {diff}")
             if state["arch"] != arch:
                 problems.append("the UNet architecture differs")
