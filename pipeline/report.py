@@ -1,0 +1,310 @@
+"""A run's report as one self-contained HTML page: tables in, HTML text out.
+
+Everything the page shows arrives in a :class:`ReportData` (plain dicts, DataFrames
+and PNG bytes); nothing here knows where a run keeps its files (``flows.report``
+reads them). Plots are drawn with matplotlib and embedded as base64 PNGs, so the
+page is one file that can be mailed or opened anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+# The summary columns, in this order, when the run has them (test split, mean over repeats).
+HEADLINE_METRICS = (
+    "nme_forward",
+    "nme_backward",
+    "acc0.2_hungarian",
+    "nme_forward_nofallback",
+    "nme_backward_nofallback",
+    "acc0.2_hungarian_nofallback",
+    "fallback_fraction",
+    "ced_auc10_forward",
+    "ced_auc10_backward",
+)
+# Label-free cluster quality (ZeroShot writes them on the train split).
+QUALITY_METRICS = ("silhouette", "calinski_harabasz", "kmeans_inertia", "n_points", "n_clusters")
+_PER_GT = re.compile(r"^acc(?P<t>[0-9.]+)_gt(?P<l>\d+)_(?P<name>.+)$")
+
+
+@dataclass
+class ReportData:
+    """What one run's report shows. ``metrics``: the run's metrics table (all rows);
+    ``keypoints``: its keypoints table (for presence / fallback shares), either may be None;
+    ``feature_spec``: the feature store's description, or None with ``feature_note`` saying why;
+    ``images``: (caption, PNG bytes) of figures the run already wrote (contact sheets, CED)."""
+
+    run_id: str
+    config: dict[str, Any]
+    metrics: pd.DataFrame | None = None
+    keypoints: pd.DataFrame | None = None
+    feature_spec: dict[str, Any] | None = None
+    feature_note: str = ""
+    images: list[tuple[str, bytes]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------ tables
+def fmt(value: Any) -> str:
+    """A metric value as the report prints it: integers plain, other numbers with 3 decimals."""
+    if value is None:
+        return "–"
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if not math.isfinite(v):
+            return "–"
+        if v.is_integer() and abs(v) < 1e9:
+            return str(int(v))
+        return f"{v:.3f}" if abs(v) >= 1e-3 else f"{v:.3g}"
+    return str(value)
+
+
+def _mean_rows(metrics: pd.DataFrame) -> pd.DataFrame:
+    return metrics[metrics["repeat"] == -1]
+
+
+def _stage_order(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.sort_values(["round", "stage"], kind="stable")
+
+
+def headline_table(metrics: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """One row per (method, stage, round) with the headline metrics of ``split`` as columns."""
+    m = _mean_rows(metrics)
+    m = m[(m["split"] == split) & m["metric"].isin(HEADLINE_METRICS)]
+    if m.empty:
+        return pd.DataFrame()
+    wide = m.pivot_table(index=["method", "stage", "round"], columns="metric", values="value", aggfunc="last")
+    wide = wide[[c for c in HEADLINE_METRICS if c in wide.columns]].reset_index()
+    return _stage_order(wide).reset_index(drop=True)
+
+
+def quality_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    m = _mean_rows(metrics)
+    m = m[m["metric"].isin(QUALITY_METRICS)]
+    return m[["method", "stage", "round", "split", "metric", "value"]].reset_index(drop=True)
+
+
+def presence_table(keypoints: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """Per discovered landmark of the run's last round on ``split``: share of images where it is
+    present, and where it is a fallback (filled in, not detected). Needs no labels."""
+    kp = keypoints[keypoints["split"] == split]
+    if kp.empty:
+        return pd.DataFrame()
+    last = kp["round"].max()
+    kp = kp[kp["round"] == last]
+    kp = kp[kp["stage"] == kp["stage"].iloc[-1]]
+    fb = kp["fallback"].astype(bool) if "fallback" in kp.columns else pd.Series(False, index=kp.index)
+    out = pd.DataFrame({"landmark_id": kp["landmark_id"], "present": kp["present"].astype(bool), "fallback": fb & kp["present"].astype(bool)})
+    g = out.groupby("landmark_id")
+    table = pd.DataFrame({"present": g["present"].mean(), "fallback": g["fallback"].mean(), "images": g.size()}).reset_index()
+    table.insert(0, "stage", f"{kp['stage'].iloc[-1]} {int(last)}")
+    return table
+
+
+def _html_table(frame: pd.DataFrame, css: str = "") -> str:
+    if frame is None or frame.empty:
+        return "<p class='note'>none</p>"
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(fmt(v))}</td>" for v in row) + "</tr>" for row in frame.itertuples(index=False)
+    )
+    return f"<table class='{css}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _kv_table(pairs: list[tuple[str, Any]]) -> str:
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_short(v))}</td></tr>" for k, v in pairs)
+    return f"<table class='kv'>{rows}</table>"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, default=str)
+    return fmt(value)
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested config dicts as ``a.b = value`` pairs (lists stay whole)."""
+    out: list[tuple[str, Any]] = []
+    for key in sorted(config):
+        value = config[key]
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.extend(flatten(value, name + "."))
+        else:
+            out.append((name, value))
+    return out
+
+
+# ------------------------------------------------------------ plots
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    plt = _figure()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def hungarian_plot(metrics: pd.DataFrame) -> bytes | None:
+    """Bars of per-ground-truth-landmark accuracy after Hungarian matching (the paper's Fig. 4),
+    one group per (stage, round): the first and the last evaluated ones."""
+    m = _mean_rows(metrics)
+    m = m[m["split"] == "test"]
+    rows = []
+    for r in m.itertuples(index=False):
+        hit = _PER_GT.match(str(r.metric))
+        if hit and not hit["name"].startswith("hungarian"):
+            rows.append((r.stage, int(r.round), int(hit["l"]), hit["name"], float(r.value), hit["t"]))
+    if not rows:
+        return None
+    df = pd.DataFrame(rows, columns=["stage", "round", "gt", "name", "acc", "t"])
+    groups = _stage_order(df[["stage", "round"]].drop_duplicates())
+    keep = [groups.iloc[0]] if len(groups) == 1 else [groups.iloc[0], groups.iloc[-1]]
+    plt = _figure()
+    gts = sorted(df["gt"].unique())
+    names = [df[df["gt"] == g]["name"].iloc[0] for g in gts]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(gts) + 2), 3.6), dpi=110)
+    width = 0.8 / len(keep)
+    for j, g in enumerate(keep):
+        sub = df[(df["stage"] == g["stage"]) & (df["round"] == g["round"])].set_index("gt")["acc"]
+        ax.bar(np.arange(len(gts)) + (j - (len(keep) - 1) / 2) * width, [sub.get(x, np.nan) for x in gts], width,
+               label=f"{g['stage']} {int(g['round'])}")
+    ax.set_xticks(np.arange(len(gts)))
+    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"accuracy at {df['t'].iloc[0]} x normaliser")
+    ax.set_title("per ground-truth landmark, after Hungarian matching (test)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def rounds_plot(metrics: pd.DataFrame) -> bytes | None:
+    """Forward / backward NME (and without fallbacks) against the round, for runs with several rounds."""
+    table = headline_table(metrics)
+    if table.empty or table["round"].nunique() < 2:
+        return None
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=110)
+    for col, style, colour in (("nme_forward", "-o", "C0"), ("nme_backward", "-s", "C1"),
+                               ("nme_forward_nofallback", "--o", "C0"), ("nme_backward_nofallback", "--s", "C1")):
+        if col in table.columns and table[col].notna().any():
+            ax.plot(table["round"], table[col], style, color=colour, label=col, alpha=1.0 if "nofallback" not in col else 0.6)
+    ax.set_xlabel("round (0 = bootstrap)")
+    ax.set_ylabel("NME (% of normaliser)")
+    ax.set_xticks(sorted(table["round"].unique()))
+    ax.set_title("NME per round (test)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def presence_plot(presence: pd.DataFrame) -> bytes | None:
+    """Stacked bars per discovered landmark: detected share and fallback share of the images."""
+    if presence is None or presence.empty:
+        return None
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(presence) + 2), 3.2), dpi=110)
+    x = presence["landmark_id"].to_numpy()
+    detected = (presence["present"] - presence["fallback"]).to_numpy()
+    ax.bar(x, detected, label="detected")
+    ax.bar(x, presence["fallback"].to_numpy(), bottom=detected, label="fallback (filled in)", color="#bbb")
+    ax.set_xticks(x)
+    ax.set_xlabel("discovered landmark")
+    ax.set_ylabel("share of test images")
+    ax.set_ylim(0, 1.3)
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+    ax.set_title("landmark presence (no labels needed)")
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
+    return _png(fig)
+
+
+# ------------------------------------------------------------ page
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
+th,td{border:1px solid #ddd;padding:.25em .6em;text-align:right}
+th{background:#f4f4f4}table.kv th{text-align:left}table.kv td{text-align:left;font-family:monospace}
+figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
+.note{color:#777;font-style:italic}pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:.8em}
+"""
+
+
+def _img(caption: str, png: bytes) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    cap = html.escape(caption)
+    return f"<figure><img alt='{cap}' src='data:image/png;base64,{data}'><figcaption>{cap}</figcaption></figure>"
+
+
+def render_html(data: ReportData) -> str:
+    """The whole report page (one string, images inlined)."""
+    cfg = data.config
+    method = str(cfg.get("method", "?"))
+    title = f"uld report: {data.run_id}"
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    parts.append(_kv_table([("method", method), ("dataset", cfg.get("dataset", "?")), ("backbone", cfg.get("backbone", "?"))]))
+    for note in data.notes:
+        parts.append(f"<p class='note'>{html.escape(note)}</p>")
+
+    parts.append("<h2>Results (test split, mean over regressor repeats)</h2>")
+    metrics = data.metrics
+    if metrics is None or metrics.empty:
+        parts.append("<p class='note'>no metrics.parquet: the run was not evaluated (`uld evaluate --run RUN`)</p>")
+    else:
+        parts.append(_html_table(headline_table(metrics), "metrics"))
+        parts.append("<p class='note'>NME in % of the dataset's normaliser; acc0.2_hungarian: share of ground-truth "
+                     "landmarks within 0.2 of it after matching; *_nofallback: fallback landmarks counted as missing; "
+                     "fallback_fraction: share of test landmarks filled in rather than detected.</p>")
+        quality = quality_table(metrics)
+        if not quality.empty:
+            parts.append("<h2>Cluster quality (training descriptors)</h2>" + _html_table(quality))
+    presence = presence_table(data.keypoints) if data.keypoints is not None and not data.keypoints.empty else pd.DataFrame()
+    if not presence.empty:
+        parts.append("<h2>Landmark presence per discovered landmark (test)</h2>" + _html_table(presence))
+
+    plots = []
+    if metrics is not None and not metrics.empty:
+        plots += [("NME per round", rounds_plot(metrics)), ("per-landmark Hungarian accuracy", hungarian_plot(metrics))]
+    plots.append(("landmark presence", presence_plot(presence)))
+    plots = [(c, p) for c, p in plots if p is not None]
+    if plots:
+        parts.append("<h2>Plots</h2>" + "".join(_img(c, p) for c, p in plots))
+    if data.images:
+        parts.append("<h2>Figures written by the run</h2>" + "".join(_img(c, p) for c, p in data.images))
+
+    parts.append("<h2>Features</h2>")
+    if data.feature_spec:
+        parts.append(_kv_table(flatten(data.feature_spec)))
+    if data.feature_note:
+        parts.append(f"<p class='note'>{html.escape(data.feature_note)}</p>")
+    parts.append("<h2>Configuration</h2>" + _kv_table(flatten(cfg)))
+    if metrics is not None and not metrics.empty:
+        full = _mean_rows(metrics)[["stage", "round", "split", "metric", "value", "k", "n_regressor_images"]]
+        parts.append(f"<details><summary>all {len(full)} metric rows (means)</summary>{_html_table(full)}</details>")
+    parts.append("</body></html>\n")
+    return "".join(parts)
