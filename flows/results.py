@@ -219,6 +219,10 @@ def evaluate_keypoints(
             )
         parts[split] = _eval_split(home, dataset, split, sub)
     (train, train_fb, names, _), (test, test_fb, _, n_unpredicted) = parts[train_split], parts[test_split]
+    if train.gt.shape[1] == 0:
+        # A dataset without labels (the `folder` loader, `uld discover`): nothing to score against.
+        # The methods' label-free measures (presence, fallbacks, cluster quality) are their own rows.
+        return pd.DataFrame(columns=["run_id", "method", "stage", "round", "dataset", "split", "metric", "value", "k", "n_regressor_images", "repeat"])
     nme_args = dict(
         n_regressor_images=n_regressor_images, repeats=repeats, seed=seed,
         forward_lambda=forward_lambda, backward_lambda=backward_lambda, missing=missing,
