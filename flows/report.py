@@ -18,6 +18,8 @@ from storage.run_models import is_run_dir, read_store_recipe, resolve_store_path
 from storage.tables import read_table
 
 REPORT_NAME = "report.html"
+OVERLAY_DIR = "overlays"  # figures/overlays/: one PNG per image (flows.discover)
+N_OVERLAYS = 8
 
 
 def find_run_dir(run: str | Path, home: str | Path | None = None) -> Path:
@@ -47,7 +49,9 @@ def _figures(run_dir: Path) -> list[tuple[str, bytes]]:
     pngs = sorted(fig_dir.glob("*.png"))
     # Contact sheets first (what the landmarks look like), then the CED curves and the rest.
     pngs.sort(key=lambda p: (not p.stem.endswith("-landmarks"), p.name))
-    return [(f"figures/{p.name}", p.read_bytes()) for p in pngs]
+    # A few per-image overlays (`uld discover` writes them), test images first.
+    overlays = sorted((fig_dir / OVERLAY_DIR).glob("*.png"), key=lambda p: (not p.name.startswith("test-"), p.name))[:N_OVERLAYS]
+    return [(f"figures/{p.relative_to(fig_dir).as_posix()}", p.read_bytes()) for p in pngs + overlays]
 
 
 def collect(run_dir: Path) -> ReportData:

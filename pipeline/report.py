@@ -98,10 +98,10 @@ def quality_table(metrics: pd.DataFrame) -> pd.DataFrame:
     return m[["method", "stage", "round", "split", "metric", "value"]].reset_index(drop=True)
 
 
-def presence_table(keypoints: pd.DataFrame, split: str = "test") -> pd.DataFrame:
-    """Per discovered landmark of the run's last round on ``split``: share of images where it is
-    present, and where it is a fallback (filled in, not detected). Needs no labels."""
-    kp = keypoints[keypoints["split"] == split]
+def presence_table(keypoints: pd.DataFrame, split: str | None = None) -> pd.DataFrame:
+    """Per discovered landmark of the run's last round (on ``split``, default every image): share of
+    images where it is present, and where it is a fallback (filled in, not detected). Needs no labels."""
+    kp = keypoints if split is None else keypoints[keypoints["split"] == split]
     if kp.empty:
         return pd.DataFrame()
     last = kp["round"].max()
@@ -113,6 +113,23 @@ def presence_table(keypoints: pd.DataFrame, split: str = "test") -> pd.DataFrame
     table = pd.DataFrame({"present": g["present"].mean(), "fallback": g["fallback"].mean(), "images": g.size()}).reset_index()
     table.insert(0, "stage", f"{kp['stage'].iloc[-1]} {int(last)}")
     return table
+
+
+def flip_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Per discovered landmark: its partner under a horizontal flip and the flip error
+    (``flows.discover``'s ``flip_error_lm<k>`` / ``flip_partner_lm<k>`` metrics), when the run has them."""
+    m = _mean_rows(metrics)
+    rows: dict[int, dict[str, Any]] = {}
+    for r in m.itertuples(index=False):
+        hit = re.match(r"^flip_(error|partner)_lm(\d+)$", str(r.metric))
+        if hit:
+            rows.setdefault(int(hit[2]), {"landmark_id": int(hit[2])})[f"flip_{hit[1]}"] = r.value
+    if not rows:
+        return pd.DataFrame()
+    table = pd.DataFrame([rows[k] for k in sorted(rows)])
+    if "flip_partner" in table.columns:
+        table["flip_partner"] = table["flip_partner"].astype(int)
+    return table[[c for c in ("landmark_id", "flip_partner", "flip_error") if c in table.columns]]
 
 
 def _html_table(frame: pd.DataFrame, css: str = "") -> str:
@@ -205,7 +222,8 @@ def hungarian_plot(metrics: pd.DataFrame) -> bytes | None:
 def rounds_plot(metrics: pd.DataFrame) -> bytes | None:
     """Forward / backward NME (and without fallbacks) against the round, for runs with several rounds."""
     table = headline_table(metrics)
-    if table.empty or table["round"].nunique() < 2:
+    nme = [c for c in ("nme_forward", "nme_backward") if c in table.columns and table[c].notna().any()]
+    if table.empty or table["round"].nunique() < 2 or not nme:
         return None
     plt = _figure()
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=110)
@@ -234,7 +252,7 @@ def presence_plot(presence: pd.DataFrame) -> bytes | None:
     ax.bar(x, presence["fallback"].to_numpy(), bottom=detected, label="fallback (filled in)", color="#bbb")
     ax.set_xticks(x)
     ax.set_xlabel("discovered landmark")
-    ax.set_ylabel("share of test images")
+    ax.set_ylabel("share of images")
     ax.set_ylim(0, 1.3)
     ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
     ax.set_title("landmark presence (no labels needed)")
@@ -276,16 +294,31 @@ def render_html(data: ReportData) -> str:
     if metrics is None or metrics.empty:
         parts.append("<p class='note'>no metrics.parquet: the run was not evaluated (`uld evaluate --run RUN`)</p>")
     else:
-        parts.append(_html_table(headline_table(metrics), "metrics"))
+        headline = headline_table(metrics)
+        if headline.empty:
+            parts.append("<p class='note'>no ground-truth scores (a dataset without labels, or not evaluated): "
+                         "see the label-free measures below</p>")
+        else:
+            parts.append(_html_table(headline, "metrics"))
         parts.append("<p class='note'>NME in % of the dataset's normaliser; acc0.2_hungarian: share of ground-truth "
                      "landmarks within 0.2 of it after matching; *_nofallback: fallback landmarks counted as missing; "
                      "fallback_fraction: share of test landmarks filled in rather than detected.</p>")
         quality = quality_table(metrics)
         if not quality.empty:
             parts.append("<h2>Cluster quality (training descriptors)</h2>" + _html_table(quality))
+    flips = flip_table(metrics) if metrics is not None and not metrics.empty else pd.DataFrame()
+    if not flips.empty:
+        mean = _mean_rows(metrics)
+        overall = mean.loc[mean["metric"] == "flip_error", "value"]
+        parts.append("<h2>Consistency under a horizontal flip (no labels needed)</h2>")
+        if len(overall):
+            parts.append(f"<p>mean flip error: <b>{html.escape(fmt(overall.iloc[-1]))}</b> % of sqrt(w*h)</p>")
+        parts.append(_html_table(flips) + "<p class='note'>Landmarks found on the mirror image, mapped back, against the "
+                     "original's; flip_partner is the landmark a landmark becomes when mirrored (a left-eye landmark "
+                     "should become the right-eye one), found by Hungarian matching.</p>")
     presence = presence_table(data.keypoints) if data.keypoints is not None and not data.keypoints.empty else pd.DataFrame()
     if not presence.empty:
-        parts.append("<h2>Landmark presence per discovered landmark (test)</h2>" + _html_table(presence))
+        parts.append("<h2>Landmark presence per discovered landmark (every image, last round)</h2>" + _html_table(presence))
 
     plots = []
     if metrics is not None and not metrics.empty:

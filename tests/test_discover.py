@@ -1,0 +1,121 @@
+"""`uld discover`: a folder of unlabelled images -> landmarks, overlays, flip check, report."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("faiss")
+
+from tiny_runs import SIZE, make_backbone  # noqa: E402
+
+K = 4
+
+
+# ---------------------------------------------------------------- the flip measure, by hand
+def test_flip_consistency_finds_mirror_partners_and_their_error():
+    from pipeline.evaluation.flip import flip_consistency, mirror_x
+
+    # 2 images 10 x 10 (sqrt(w*h) = 10 px): a "left" point, a "right" point and a centre point.
+    p = np.array([[[2.0, 5.0], [8.0, 5.0], [5.0, 3.0]], [[3.0, 4.0], [7.0, 4.0], [5.0, 7.0]]])
+    sizes = np.array([[10, 10], [10, 10]])
+    assert np.allclose(mirror_x(mirror_x(p, sizes[:, 0]), sizes[:, 0]), p)
+    # On the mirror images a perfect detector finds landmark j where the original has perm[j], mirrored.
+    perm = np.array([1, 0, 2])
+    offset = np.array([0.3, 0.4])  # 0.5 px off = 5 % of sqrt(w*h)
+    q = mirror_x(p[:, perm] + offset, sizes[:, 0])
+    present = np.ones((2, 3), bool)
+    res = flip_consistency(p, present, q, present, sizes)
+    assert res.partner.tolist() == [1, 0, 2]  # left <-> right, the centre stays itself
+    assert np.allclose(res.error, 5.0) and res.n_pairs.tolist() == [2, 2, 2]
+    # a landmark never present in the flips has no partner
+    fp = present.copy()
+    fp[:, 2] = False
+    res = flip_consistency(p, present, q, fp, sizes)
+    assert res.partner[2] == -1 and np.isnan(res.error[2]) and res.n_pairs[2] == 0
+
+
+# ---------------------------------------------------------------- end to end on generated images
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from pipeline.datasets.synthetic import generate_synthetic
+
+    base = tmp_path_factory.mktemp("discover")
+    root = generate_synthetic(base / "gen", 18, 6, SIZE, 3)
+    photos = base / "my photos"  # a space in the name: the dataset name is sanitised
+    (photos / "sub").mkdir(parents=True)
+    for n, png in enumerate(sorted((root / "images").glob("*.png"))):
+        shutil.copy(png, photos / ("sub" if n % 2 else "") / f"img{n:03d}.png")
+    (photos / "broken.png").write_text("not an image")
+    return base, photos, make_backbone(base / "ddpm")
+
+
+def _cli(home: Path, *args: str):
+    import typer
+    from typer.testing import CliRunner
+
+    from flows import cli, cli_discover
+
+    app = typer.Typer()
+    app.callback()(cli._main)
+    cli_discover.register(app)
+    return CliRunner().invoke(app, ["--home", str(home), *args])
+
+
+def test_discover_zeroshot_on_a_folder_writes_landmarks_overlays_and_a_report(folder, prefect_harness):
+    from storage.tables import read_table
+
+    base, photos, backbone = folder
+    home = base / "ws"
+    args = ("discover", "--images", str(photos), "-k", str(K), "--backbone", backbone, "--size", str(SIZE), "--samples-per-image", "40", "--overlays", "5")
+    res = _cli(home, *args)
+    assert res.exit_code == 0, res.output
+    assert "broken.png" in res.output and "flip consistency" in res.output
+    run = home / "runs" / f"folder-my-photos-zeroshot-k{K}"
+    table = pd.read_csv(run / "landmarks.csv")
+    assert table["image_id"].nunique() == 24 and set(table["landmark_id"]) == set(range(K))
+    assert all(Path(p).is_file() and Path(p).parent in (photos, photos / "sub") for p in table["path"])
+    present = table[table["present"]]
+    assert ((present["x"] >= 0) & (present["x"] <= present["width"]) & (present["y"] >= 0) & (present["y"] <= present["height"])).all()
+    assert {"train", "test"} == set(table["split"])
+    assert len(list((run / "figures" / "overlays").glob("*.png"))) == 5
+    m = read_table(run / "metrics.parquet", "metrics")
+    assert "flip_error" in set(m["metric"]) and "silhouette" in set(m["metric"])
+    assert not m["metric"].str.startswith("nme_").any()  # no labels, no NME
+    page = (run / "report.html").read_text()
+    assert "Consistency under a horizontal flip" in page and page.count("data:image/png;base64,") >= 3
+    # the same command again resumes every stage and gives the same landmarks
+    again = _cli(home, *args)
+    assert again.exit_code == 0, again.output
+    pd.testing.assert_frame_equal(pd.read_csv(run / "landmarks.csv"), table)
+
+
+def test_discover_duld_on_a_glob_without_labels(folder, prefect_harness):
+    from flows.discover import discover
+
+    base, photos, backbone = folder
+    res = discover(str(photos / "sub" / "*.png"), method="duld", k=K, backbone=backbone, home=base / "ws2", size=SIZE, rounds=1,
+                   steps_per_round=2, bootstrap_steps=2, max_overlays=2,
+                   method_options={"views": None, "batch_size": 6, "threads": 1, "progress": False})
+    assert res.dataset == "folder-sub" and res.n_train + res.n_test == 12 and len(res.skipped) == 0
+    kp = pd.read_parquet(res.run_dir / "keypoints.parquet")
+    assert set(kp["stage"]) == {"bootstrap", "round"} and kp["image_id"].nunique() == 12
+    assert res.flip is not None and len(res.flip) == K
+    assert "fallback_fraction" in res.report.read_text()
+
+
+def test_discover_refuses_an_unknown_method_and_an_empty_glob(tmp_path):
+    from flows.discover import discover
+    from pipeline.errors import ConfigError, DatasetError
+
+    with pytest.raises(ConfigError, match="unknown method"):
+        discover(str(tmp_path), method="nope", home=tmp_path / "ws")
+    with pytest.raises(DatasetError, match="no file matches"):
+        discover(str(tmp_path / "*.png"), home=tmp_path / "ws")
