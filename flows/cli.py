@@ -96,7 +96,7 @@ def main() -> None:
     install_log_filter()
     try:
         app()
-    except (ULDError, OSError) as exc:
+    except (ULDError, OSError, RuntimeError) as exc:  # RuntimeError: Prefect's server start-up timeout
         err = as_user_error(exc)
         if err is None:
             raise  # not the user's to fix: keep the traceback

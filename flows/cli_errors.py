@@ -51,10 +51,23 @@ _OS_ERRORS: dict[int, tuple[str, str]] = {
 }
 
 
+# Prefect's words when its temporary API server did not come up in time (a
+# machine so loaded that uvicorn + SQLite migrations take over the timeout).
+_PREFECT_SERVER_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
+
+
 def as_user_error(exc: BaseException) -> ULDError | None:
     """The user-facing error for ``exc``, or None when it is a bug (keep the traceback)."""
     if isinstance(exc, ULDError):
         return exc
+    if isinstance(exc, RuntimeError) and _PREFECT_SERVER_TIMEOUT in str(exc):
+        return WorkspaceError(
+            "Prefect's temporary API server did not start in time (the machine is busy)",
+            where="PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
+            fix="run the command again (it resumes where it stopped); on a loaded machine raise that variable "
+            "(the CLI's default is 120 s), or start one server with `prefect server start` and set PREFECT_API_URL "
+            "to it so no command starts its own",
+        )
     if isinstance(exc, OSError) and exc.errno in _OS_ERRORS:
         what, fix = _OS_ERRORS[exc.errno]
         where = exc.filename if exc.filename is not None else None

@@ -98,6 +98,11 @@ def test_os_errors_the_user_can_fix_become_uld_errors_and_bugs_do_not():
     assert isinstance(err, WorkspaceError) and "no space left" in err.what and "re-running resumes" in err.fix
     assert as_user_error(FileNotFoundError(errno.ENOENT, "missing", "x")) is None
     assert as_user_error(ValueError("a bug")) is None
+    # Prefect's temporary server not coming up on a loaded machine is not a bug of ours
+    slow = RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.")
+    err = as_user_error(slow)
+    assert isinstance(err, WorkspaceError) and "run the command again" in err.fix and "PREFECT_API_URL" in err.fix
+    assert as_user_error(RuntimeError("some other runtime failure")) is None
 
 
 def test_prefect_log_records_of_user_errors_lose_only_their_traceback():
