@@ -56,6 +56,6 @@ def register(app: typer.Typer) -> None:
             typer.echo("skipped images:")
             typer.echo(res.skipped[["source", "reason"]].to_string(index=False))
         if res.flip is not None and len(res.flip):
-            typer.echo("flip consistency (up to 64 images, test first; error in % of sqrt(w*h); partner = the landmark it becomes when mirrored):")
+            typer.echo("flip consistency (up to 64 images, test first; error in % of sqrt(w*h); partner = the landmark it becomes when mirrored; renoise = same image, other noise):")
             typer.echo(res.flip.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
         typer.echo(res.summary())

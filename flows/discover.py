@@ -153,7 +153,7 @@ def flip_check(run_dir: Path, table: pd.DataFrame, device: str = "cpu", max_imag
     back as the right-eye one); ``pipeline.evaluation.flip.flip_consistency`` does the maths.
     """
     from pipeline.datasets.images import read_image
-    from pipeline.evaluation.flip import flip_consistency
+    from pipeline.evaluation.flip import flip_consistency, same_landmark_error
     from pipeline.predictor import ImageItem, LandmarkPredictor
     from PIL import Image
 
@@ -187,7 +187,17 @@ def flip_check(run_dir: Path, table: pd.DataFrame, device: str = "cpu", max_imag
     (orig, p_orig), (flip, p_flip) = arrays("o"), arrays("f")
     sizes = test[["width", "height"]].to_numpy(np.float64)
     result = flip_consistency(orig, p_orig, flip, p_flip, sizes)
-    return pd.DataFrame({"landmark_id": np.arange(K), "partner": result.partner, "flip_error": result.error, "n_pairs": result.n_pairs})
+    # The noise floor: the run's own landmarks of the same images (the feature store's noise) against
+    # the predictor's (a new image's noise). A flip error near it is as good as the features allow.
+    run_pts = np.full((n, K, 2), np.nan)
+    run_present = np.zeros((n, K), bool)
+    pos = {image_id: i for i, image_id in enumerate(test["image_id"])}
+    for r in table[table["image_id"].isin(pos)].itertuples(index=False):
+        run_pts[pos[r.image_id], r.landmark_id] = (r.x, r.y)
+        run_present[pos[r.image_id], r.landmark_id] = bool(r.present) and not bool(r.fallback)
+    renoise, _ = same_landmark_error(orig, p_orig, run_pts, run_present, sizes)
+    return pd.DataFrame({"landmark_id": np.arange(K), "partner": result.partner, "flip_error": result.error,
+                         "renoise_error": renoise, "n_pairs": result.n_pairs})
 
 
 def _write_flip_metrics(home: Path, run_id: str, dataset: str, method: str, flip: pd.DataFrame) -> None:
@@ -202,9 +212,12 @@ def _write_flip_metrics(home: Path, run_id: str, dataset: str, method: str, flip
     errors = flip["flip_error"].to_numpy(np.float64)
     ok = np.isfinite(errors) & (weights > 0)
     rows = [{**base, "metric": FLIP_STAGE_METRIC, "value": float(np.average(errors[ok], weights=weights[ok])) if ok.any() else float("nan")}]
+    floor = flip["renoise_error"].to_numpy(np.float64)
+    rows.append({**base, "metric": "renoise_error", "value": float(np.nanmean(floor)) if np.isfinite(floor).any() else float("nan")})
     for r in flip.itertuples(index=False):
         rows.append({**base, "metric": f"flip_error_lm{r.landmark_id}", "value": float(r.flip_error)})
         rows.append({**base, "metric": f"flip_partner_lm{r.landmark_id}", "value": float(r.partner)})
+        rows.append({**base, "metric": f"renoise_error_lm{r.landmark_id}", "value": float(r.renoise_error)})
     write_metrics(home, run_id, rows)
 
 

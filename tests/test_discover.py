@@ -42,6 +42,18 @@ def test_flip_consistency_finds_mirror_partners_and_their_error():
     assert res.partner[2] == -1 and np.isnan(res.error[2]) and res.n_pairs[2] == 0
 
 
+def test_same_landmark_error_is_the_mean_distance_where_both_are_present():
+    from pipeline.evaluation.flip import same_landmark_error
+
+    a = np.zeros((2, 2, 2))
+    b = a.copy()
+    b[0, 0] = (3.0, 4.0)  # 5 px on a 10 x 10 image = 50 %
+    b[1, 0] = (6.0, 8.0)  # 10 px, but not present in b
+    pb = np.array([[True, True], [False, True]])
+    err, n = same_landmark_error(a, np.ones((2, 2), bool), b, pb, np.array([[10, 10], [10, 10]]))
+    assert np.allclose(err, [50.0, 0.0]) and n.tolist() == [1, 2]
+
+
 # ---------------------------------------------------------------- end to end on generated images
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
@@ -87,10 +99,10 @@ def test_discover_zeroshot_on_a_folder_writes_landmarks_overlays_and_a_report(fo
     assert {"train", "test"} == set(table["split"])
     assert len(list((run / "figures" / "overlays").glob("*.png"))) == 5
     m = read_table(run / "metrics.parquet", "metrics")
-    assert "flip_error" in set(m["metric"]) and "silhouette" in set(m["metric"])
+    assert {"flip_error", "renoise_error", "silhouette"} <= set(m["metric"])
     assert not m["metric"].str.startswith("nme_").any()  # no labels, no NME
     page = (run / "report.html").read_text()
-    assert "Consistency under a horizontal flip" in page and page.count("data:image/png;base64,") >= 3
+    assert "Consistency under a horizontal flip" in page and "noise floor" in page and page.count("data:image/png;base64,") >= 3
     # the same command again resumes every stage and gives the same landmarks
     again = _cli(home, *args)
     assert again.exit_code == 0, again.output

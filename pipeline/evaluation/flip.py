@@ -31,6 +31,20 @@ def mirror_x(points: np.ndarray, widths: np.ndarray) -> np.ndarray:
     return out
 
 
+def same_landmark_error(a: np.ndarray, a_present: np.ndarray, b: np.ndarray, b_present: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per landmark k: mean distance between ``a[:, k]`` and ``b[:, k]`` (N, K, 2) over the images where
+    both are present, in % of ``sqrt(w * h)`` (``sizes`` (N, 2)), and that image count. E.g. the same
+    images predicted twice with different diffusion noise: how far a landmark moves when nothing moved."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    sizes = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)
+    d = np.linalg.norm(a - b, axis=-1) / np.sqrt(sizes[:, 0] * sizes[:, 1])[:, None] * 100.0
+    ok = np.asarray(a_present, bool) & np.asarray(b_present, bool) & np.isfinite(d)
+    n = ok.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, np.where(ok, d, 0.0).sum(axis=0) / np.maximum(n, 1), np.nan), n
+
+
 def flip_consistency(
     points: np.ndarray, present: np.ndarray, flipped: np.ndarray, flipped_present: np.ndarray, sizes: np.ndarray
 ) -> FlipResult:
