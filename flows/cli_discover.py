@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
         k: int = typer.Option(10, "-k", "--k", help="Number of landmarks K."),
         backbone: str = typer.Option("shipped", "--backbone", "-b", help="Backbone for the features: shipped, a backbone folder, one trained here, a hub id."),
         name: Optional[str] = typer.Option(None, "--name", help="Dataset name in the workspace (default: folder-<the folder's name>)."),
-        run_id: Optional[str] = typer.Option(None, "--run-id", help="Run folder name (default: <name>-<method>-k<K>; the same command again resumes it)."),
+        run_id: Optional[str] = typer.Option(None, "--run-id", help="Run folder name (default: <name>-<method>-k<K>-<hash of the features and settings>; the same command again resumes it)."),
         timesteps: Timesteps = None,
         layers: Layers = None,
         size: Size = 64,

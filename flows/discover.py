@@ -8,7 +8,8 @@ plus ``landmarks.csv`` with each image's path -> overlays -> the flip check ->
 (landmark presence, cluster quality, consistency under a horizontal flip).
 
 A plain function over the stage flows; every stage resumes, and the default run
-id is derived from the dataset name, method and K, so a re-run finishes at once.
+id is derived from the dataset name, method, K, the feature store and the method's settings, so
+the same command again finishes at once and a changed image set starts a new run.
 """
 
 from __future__ import annotations
@@ -222,6 +223,17 @@ def _write_flip_metrics(home: Path, run_id: str, dataset: str, method: str, flip
 
 
 # ------------------------------------------------------------ the command
+def default_run_id(name: str, method: str, k: int, store: Path, seed: int, settings: dict[str, Any], options: dict[str, Any]) -> str:
+    """``<name>-<method>-k<K>-<8 hex>``: the hex digest covers the feature store (so the image set and
+    feature spec) and the method's settings, so the same command resumes its run and a changed one
+    (more images, other options) starts its own."""
+    import hashlib
+    import json
+
+    key = json.dumps({"store": Path(store).name, "seed": int(seed), **settings, **options}, sort_keys=True, default=str)
+    return f"{name}-{method}-k{int(k)}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
 def discover(
     images: str,
     *,
@@ -260,8 +272,10 @@ def discover(
     n_train, n_test, skipped = build_folder_manifests(images, home, name)
     spec = feature_spec(size, timesteps, layers, crop_margin, None, seed, backbone=backbone, home=home)
     store = Path(extract_features(name, backbone, spec, home=home, device=device))
-    run_id = check_name("run id", run_id or f"{name}-{method}-k{k}")
     opts = dict(method_options or {})
+    run_id = check_name("run id", run_id or default_run_id(name, method, k, store, seed, {
+        "rounds": rounds, "steps_per_round": steps_per_round, "bootstrap_steps": bootstrap_steps} if method == "duld" else {
+        "n_samples_per_image": n_samples_per_image}, opts))
     if method == "zeroshot":
         from flows.zeroshot import zeroshot
 

@@ -90,7 +90,9 @@ def test_discover_zeroshot_on_a_folder_writes_landmarks_overlays_and_a_report(fo
     res = _cli(home, *args)
     assert res.exit_code == 0, res.output
     assert "broken.png" in res.output and "flip consistency" in res.output
-    run = home / "runs" / f"folder-my-photos-zeroshot-k{K}"
+    runs = sorted((home / "runs").glob(f"folder-my-photos-zeroshot-k{K}-*[0-9a-f]"))
+    assert len(runs) == 1
+    run = runs[0]
     table = pd.read_csv(run / "landmarks.csv")
     assert table["image_id"].nunique() == 24 and set(table["landmark_id"]) == set(range(K))
     assert all(Path(p).is_file() and Path(p).parent in (photos, photos / "sub") for p in table["path"])
@@ -107,6 +109,15 @@ def test_discover_zeroshot_on_a_folder_writes_landmarks_overlays_and_a_report(fo
     again = _cli(home, *args)
     assert again.exit_code == 0, again.output
     pd.testing.assert_frame_equal(pd.read_csv(run / "landmarks.csv"), table)
+    assert len(list((home / "runs").glob("folder-my-photos-*[0-9a-f]"))) == 1
+    # one more image: a new feature store, so a new run (not a clash with the old one's config)
+    shutil.copy(photos / "img000.png", photos / "img999.png")
+    try:
+        more = _cli(home, *args)
+    finally:
+        (photos / "img999.png").unlink()
+    assert more.exit_code == 0, more.output
+    assert len(list((home / "runs").glob("folder-my-photos-*[0-9a-f]"))) == 2
 
 
 def test_discover_duld_on_a_glob_without_labels(folder, prefect_harness):
