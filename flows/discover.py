@@ -78,8 +78,8 @@ def build_folder_manifests(images: str, home: str | Path, name: str) -> tuple[in
     """Write ``manifests/<name>/{train,test}.parquet`` for the images ``images`` names.
 
     Unreadable files are skipped (and listed in ``skipped.parquet``). When the
-    seeded hold-out leaves no test image (a small folder), the last training
-    image by path is held out instead, so every stage has both splits.
+    seeded hold-out leaves a split empty (a small folder), the last image by
+    path is the test split and the others train, so every stage has both splits.
     """
     from pipeline.datasets.base import Manifest
     from pipeline.datasets.registry import get_loader
@@ -100,15 +100,18 @@ def build_folder_manifests(images: str, home: str | Path, name: str) -> tuple[in
     if len(frames["train"]) + len(frames["test"]) < 2:
         raise DatasetError(f"{len(frames['train']) + len(frames['test'])} readable image(s): at least 2 are needed (one to learn from, one to hold out)",
                            where=images, fix="point --images at a folder or glob with more images")
-    if frames["test"].empty:
-        last = frames["train"].sort_values("path").index[-1]
-        moved = frames["train"].loc[[last]].assign(split="test")
-        frames = {"train": frames["train"].drop(index=last).reset_index(drop=True), "test": moved.reset_index(drop=True)}
+    # Small folders: the hash hold-out can leave a split empty; keep one image (the last by path) as test.
+    if frames["test"].empty or frames["train"].empty:
+        every = pd.concat([frames["train"], frames["test"]]).sort_values("path").reset_index(drop=True)
+        frames = {"train": every.iloc[:-1].assign(split="train").reset_index(drop=True),
+                  "test": every.iloc[-1:].assign(split="test").reset_index(drop=True)}
     for split, frame in frames.items():
         Manifest(frame, meta).save(ws.manifest(name, split))
     skipped_df = skipped_frame(name, skipped)
     if len(skipped_df):
         write_table(skipped_df, ws.skipped(name), "skipped")
+    elif ws.skipped(name).is_file():
+        ws.skipped(name).unlink()  # left by an earlier call on other images
     return len(frames["train"]), len(frames["test"]), skipped_df
 
 

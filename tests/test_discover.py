@@ -142,3 +142,25 @@ def test_discover_refuses_an_unknown_method_and_an_empty_glob(tmp_path):
         discover(str(tmp_path), method="nope", home=tmp_path / "ws")
     with pytest.raises(DatasetError, match="no file matches"):
         discover(str(tmp_path / "*.png"), home=tmp_path / "ws")
+
+
+def test_small_folders_keep_one_test_image_and_unreadable_files_are_listed(tmp_path):
+    from flows.discover import build_folder_manifests, default_name
+    from PIL import Image
+
+    from storage.layout import Workspace
+
+    photos = tmp_path / "Two Cats!"
+    photos.mkdir()
+    for n in range(3):
+        Image.new("RGB", (20 + n, 16), (n * 40, 10, 10)).save(photos / f"c{n}.png")
+    (photos / "bad.jpg").write_bytes(b"nope")
+    assert default_name(str(photos)) == "folder-Two-Cats" and default_name(str(photos / "*.png")) == "folder-Two-Cats"
+    home = tmp_path / "ws"
+    n_train, n_test, skipped = build_folder_manifests(str(photos), home, "cats")
+    assert (n_train, n_test) == (2, 1) and len(skipped) == 1 and "bad.jpg" in skipped["source"].iloc[0]
+    ws = Workspace(home)
+    assert ws.manifest("cats", "test").is_file() and ws.skipped("cats").is_file()
+    # a glob of the readable ones: nothing skipped, and the old skipped list is gone
+    n_train, n_test, skipped = build_folder_manifests(str(photos / "*.png"), home, "cats")
+    assert (n_train, n_test, len(skipped)) == (2, 1, 0) and not ws.skipped("cats").exists()
