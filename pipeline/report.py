@@ -139,7 +139,7 @@ def _html_table(frame: pd.DataFrame, css: str = "") -> str:
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(fmt(v))}</td>" for v in row) + "</tr>" for row in frame.itertuples(index=False)
     )
-    return f"<table class='{css}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<div class='scroll'><table class='{css}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 def _kv_table(pairs: list[tuple[str, Any]]) -> str:
@@ -268,7 +268,8 @@ table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
 th,td{border:1px solid #ddd;padding:.25em .6em;text-align:right}
 th{background:#f4f4f4}table.kv th{text-align:left}table.kv td{text-align:left;font-family:monospace}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
-.note{color:#777;font-style:italic}pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:.8em}
+.note{color:#777;font-style:italic}.scroll{overflow-x:auto}.figs{display:flex;flex-wrap:wrap;gap:0 1.5em;align-items:flex-start}
+.thumbs img{width:220px}pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:.8em}
 """
 
 
@@ -300,7 +301,8 @@ def render_html(data: ReportData) -> str:
                          "see the label-free measures below</p>")
         else:
             parts.append(_html_table(headline, "metrics"))
-        parts.append("<p class='note'>NME in % of the dataset's normaliser; acc0.2_hungarian: share of ground-truth "
+        if "nme_forward" in headline.columns:
+            parts.append("<p class='note'>NME in % of the dataset's normaliser; acc0.2_hungarian: share of ground-truth "
                      "landmarks within 0.2 of it after matching; *_nofallback: fallback landmarks counted as missing; "
                      "fallback_fraction: share of test landmarks filled in rather than detected.</p>")
         quality = quality_table(metrics)
@@ -330,9 +332,16 @@ def render_html(data: ReportData) -> str:
     plots.append(("landmark presence", presence_plot(presence)))
     plots = [(c, p) for c, p in plots if p is not None]
     if plots:
-        parts.append("<h2>Plots</h2>" + "".join(_img(c, p) for c, p in plots))
+        parts.append("<h2>Plots</h2><div class='figs'>" + "".join(_img(c, p) for c, p in plots) + "</div>")
     if data.images:
-        parts.append("<h2>Figures written by the run</h2>" + "".join(_img(c, p) for c, p in data.images))
+        sheets = [(c, p) for c, p in data.images if c.endswith("-landmarks.png")]
+        overlays = [(c, p) for c, p in data.images if "/overlays/" in c]
+        others = [(c, p) for c, p in data.images if (c, p) not in sheets and (c, p) not in overlays]
+        parts.append("<h2>Figures written by the run</h2>" + "".join(_img(c, p) for c, p in sheets)
+                     + "<div class='figs'>" + "".join(_img(c, p) for c, p in others) + "</div>")
+        if overlays:
+            parts.append("<h3>Per-image overlays (same landmark, same colour)</h3><div class='figs thumbs'>"
+                         + "".join(_img(c, p) for c, p in overlays) + "</div>")
 
     parts.append("<h2>Features</h2>")
     if data.feature_spec:
