@@ -210,7 +210,7 @@ def _write_flip_metrics(home: Path, run_id: str, dataset: str, method: str, flip
     kp = read_keypoints(home, run_id)
     last = kp[kp["round"] == kp["round"].max()]
     stage, round_ = str(last["stage"].iloc[-1]), int(last["round"].iloc[-1])
-    base = {"run_id": run_id, "method": method, "stage": stage, "round": round_, "dataset": dataset, "split": "test",
+    base = {"run_id": run_id, "method": method, "stage": stage, "round": round_, "dataset": dataset, "split": "all",  # test images first, then train
             "k": len(flip), "n_regressor_images": -1, "repeat": -1}
     weights = flip["n_pairs"].to_numpy(np.float64)
     errors = flip["flip_error"].to_numpy(np.float64)
