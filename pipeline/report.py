@@ -32,6 +32,13 @@ HEADLINE_METRICS = (
     "ced_auc10_forward",
     "ced_auc10_backward",
 )
+# Shorter column titles for the summary table (the metric names are in the full table below it).
+SHORT_NAMES = {
+    "nme_forward": "NME fwd", "nme_backward": "NME bwd", "acc0.2_hungarian": "Hungarian acc",
+    "nme_forward_nofallback": "NME fwd, no fallbacks", "nme_backward_nofallback": "NME bwd, no fallbacks",
+    "acc0.2_hungarian_nofallback": "Hungarian acc, no fallbacks", "fallback_fraction": "fallback share",
+    "ced_auc10_forward": "CED AUC@10 fwd", "ced_auc10_backward": "CED AUC@10 bwd",
+}
 # Label-free cluster quality (ZeroShot writes them on the train split).
 QUALITY_METRICS = ("silhouette", "calinski_harabasz", "kmeans_inertia", "n_points", "n_clusters")
 _PER_GT = re.compile(r"^acc(?P<t>[0-9.]+)_gt(?P<l>\d+)_(?P<name>.+)$")
@@ -300,11 +307,11 @@ def render_html(data: ReportData) -> str:
             parts.append("<p class='note'>no ground-truth scores (a dataset without labels, or not evaluated): "
                          "see the label-free measures below</p>")
         else:
-            parts.append(_html_table(headline, "metrics"))
+            parts.append(_html_table(headline.rename(columns=SHORT_NAMES), "metrics"))
         if "nme_forward" in headline.columns:
-            parts.append("<p class='note'>NME in % of the dataset's normaliser; acc0.2_hungarian: share of ground-truth "
-                     "landmarks within 0.2 of it after matching; *_nofallback: fallback landmarks counted as missing; "
-                     "fallback_fraction: share of test landmarks filled in rather than detected.</p>")
+            parts.append("<p class='note'>NME (nme_forward / nme_backward) in % of the dataset's normaliser; Hungarian acc "
+                         "(acc0.2_hungarian): share of ground-truth landmarks within 0.2 of it after matching; no fallbacks: "
+                         "fallback landmarks counted as missing; fallback share: test landmarks filled in rather than detected.</p>")
         quality = quality_table(metrics)
         if not quality.empty:
             parts.append("<h2>Cluster quality (training descriptors)</h2>" + _html_table(quality))
