@@ -44,4 +44,6 @@ def register(app: typer.Typer) -> None:
         typer.echo(table.drop(columns=["run_id"]).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
         for fig in table.attrs.get("figures", []):
             typer.echo(f"figure: {fig}")
+        for report in table.attrs.get("reports", []):
+            typer.echo(f"report: {report}")
         typer.echo(f"runs under {s.home / 'runs'}; total {time.perf_counter() - t0:.0f} s")

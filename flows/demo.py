@@ -82,6 +82,14 @@ def figure_task(home: Path, cfg: DemoConfig, run_ids: dict[str, str], n_images: 
     return out
 
 
+@task(name="demo-report", cache_policy=NO_CACHE, persist_result=False)
+def report_task(home: Path, run_ids: dict[str, str]) -> list[Path]:
+    """``report.html`` in each method's run folder (`uld report`)."""
+    from flows.report import write_report
+
+    return [write_report(Workspace(home).run_dir(rid)) for label, rid in run_ids.items() if not label.startswith("baseline")]
+
+
 @flow(name="demo", validate_parameters=False, log_prints=True)
 def demo(home: str | Path = "workspace", cfg: DemoConfig = DemoConfig(), device: str = "auto") -> pd.DataFrame:
     """Run every stage on the synthetic dataset; return the comparison table."""
@@ -116,4 +124,5 @@ def demo(home: str | Path = "workspace", cfg: DemoConfig = DemoConfig(), device:
     figures = figure_task(home, cfg, runs)
     summary = summary_table(home, runs)
     summary.attrs["figures"] = [str(p) for p in figures]
+    summary.attrs["reports"] = [str(p) for p in report_task(home, runs)]
     return summary
