@@ -247,6 +247,34 @@ def rounds_plot(metrics: pd.DataFrame) -> bytes | None:
     return _png(fig)
 
 
+def yaw_plot(metrics: pd.DataFrame) -> bytes | None:
+    """Forward / backward NME per yaw bin (``nme_<direction>_yaw<bin>`` metrics) of the last evaluated stage."""
+    m = _mean_rows(metrics)
+    m = m[(m["split"] == "test") & m["metric"].str.match(r"^nme_(forward|backward)_yaw")]
+    if m.empty:
+        return None
+    last = _stage_order(m[["stage", "round"]].drop_duplicates()).iloc[-1]
+    m = m[(m["stage"] == last["stage"]) & (m["round"] == last["round"])]
+    parsed = m["metric"].str.extract(r"^nme_(?P<direction>forward|backward)_yaw(?P<bin>.+)$")
+    m = m.assign(direction=parsed["direction"].to_numpy(), bin=parsed["bin"].to_numpy())
+    bins = list(dict.fromkeys(m["bin"]))  # in the order the evaluator wrote them (yaw ascending)
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=110)
+    for j, direction in enumerate(("forward", "backward")):
+        sub = m[m["direction"] == direction].set_index("bin")["value"]
+        ax.bar(np.arange(len(bins)) + (j - 0.5) * 0.4, [sub.get(b, np.nan) for b in bins], 0.4, label=f"NME {direction}")
+    ax.set_xticks(np.arange(len(bins)))
+    ax.set_xticklabels(bins, fontsize=8)
+    ax.set_xlabel("yaw bin (degrees)")
+    ax.set_ylabel("NME (% of normaliser)")
+    ax.set_title(f"NME per yaw bin ({last['stage']} {int(last['round'])}, test)")
+    ax.grid(axis="y", alpha=0.3)
+    top = np.nanmax(m["value"].to_numpy(np.float64)) if np.isfinite(m["value"].to_numpy(np.float64)).any() else 1.0
+    ax.set_ylim(0, top * 1.25)
+    ax.legend(fontsize=8, ncol=2, loc="upper center")
+    return _png(fig)
+
+
 def presence_plot(presence: pd.DataFrame) -> bytes | None:
     """Stacked bars per discovered landmark: detected share and fallback share of the images."""
     if presence is None or presence.empty:
@@ -335,7 +363,8 @@ def render_html(data: ReportData) -> str:
 
     plots = []
     if metrics is not None and not metrics.empty:
-        plots += [("NME per round", rounds_plot(metrics)), ("per-landmark Hungarian accuracy", hungarian_plot(metrics))]
+        plots += [("NME per round", rounds_plot(metrics)), ("per-landmark Hungarian accuracy", hungarian_plot(metrics)),
+                  ("NME per yaw bin", yaw_plot(metrics))]
     plots.append(("landmark presence", presence_plot(presence)))
     plots = [(c, p) for c, p in plots if p is not None]
     if plots:

@@ -68,7 +68,7 @@ def test_report_shows_the_runs_metrics_and_embeds_its_figures(runs, tmp_path, ru
     # the run's own contact sheet is embedded byte for byte
     sheet = (runs.home / "runs" / run_id / "figures" / f"{run_id.split('-')[0]}-test-landmarks.png").read_bytes()
     assert sheet in pngs
-    assert "per-landmark Hungarian accuracy" in page and "landmark presence" in page
+    assert "per-landmark Hungarian accuracy" in page and "landmark presence" in page and "NME per yaw bin" in page
     assert "crop_margin" in page and "timesteps" in page  # the feature spec, read from the run's store
     if run_id == DULD_RUN:
         assert "NME per round" in page  # bootstrap + one self-training round
