@@ -48,7 +48,11 @@ class DemoConfig:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
 
     def spec(self) -> FeatureSpec:
-        return FeatureSpec(image_size=self.crop_size, noise_seed=self.seed)
+        """The backbone's own default spec (its ``default_layers`` / ``default_timesteps``,
+        as chosen by `uld backbone probe`), the same spec `uld features` uses by default."""
+        from pipeline.backbones.defaults import default_timesteps
+
+        return FeatureSpec(image_size=self.crop_size, timesteps=default_timesteps(self.backbone), noise_seed=self.seed)
 
 
 @task(name="generate-synthetic", cache_policy=NO_CACHE, persist_result=False)
