@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("faiss")
 
-from tiny_runs import DULD_RUN, K, N_TEST, SIZE, ZEROSHOT_RUN, make_backbone, tiny_runs  # noqa: E402
+from tiny_runs import invoke_cli, DULD_RUN, K, N_TEST, SIZE, ZEROSHOT_RUN, make_backbone, tiny_runs  # noqa: E402
 
 COMPARED = ["x", "y", "score", "present", "fallback", "crop_x0", "crop_y0", "crop_x1", "crop_y1"]
 
@@ -30,15 +30,9 @@ def runs(tmp_path_factory, prefect_harness):
 
 
 def _cli(home: Path, *args: str):
-    import typer
-    from typer.testing import CliRunner
+    from flows import cli_predict
 
-    from flows import cli, cli_predict
-
-    app = typer.Typer()
-    app.callback()(cli._main)
-    cli_predict.register(app)
-    return CliRunner().invoke(app, ["--home", str(home), *args])
+    return invoke_cli(home, cli_predict.register, *args)
 
 
 def _run_test_keypoints(home: Path, run_id: str) -> pd.DataFrame:

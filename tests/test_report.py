@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("faiss")
 
-from tiny_runs import DULD_RUN, K, ZEROSHOT_RUN, tiny_runs  # noqa: E402
+from tiny_runs import invoke_cli, DULD_RUN, K, ZEROSHOT_RUN, tiny_runs  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -28,15 +28,9 @@ def runs(tmp_path_factory, prefect_harness):
 
 
 def _cli(home: Path, *args: str):
-    import typer
-    from typer.testing import CliRunner
+    from flows import cli_report
 
-    from flows import cli, cli_report
-
-    app = typer.Typer()
-    app.callback()(cli._main)
-    cli_report.register(app)
-    return CliRunner().invoke(app, ["--home", str(home), *args])
+    return invoke_cli(home, cli_report.register, *args)
 
 
 def _embedded_pngs(page: str) -> list[bytes]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 N_TRAIN, N_TEST, SIZE, K = 24, 8, 32, 4
 ZEROSHOT_RUN, DULD_RUN = "zeroshot-tiny", "duld-tiny"
@@ -35,6 +36,19 @@ def make_backbone(path: Path, seed: int = 0) -> str:
     model = CategoryDDPM.create(image_size=SIZE, name=path.name, block_out_channels=(8, 8, 16, 16), attention_head_dim=8, norm_num_groups=4)
     model.save_pretrained(path)
     return str(path)
+
+
+def invoke_cli(home: Path, register: Callable[[Any], None], *args: str):
+    """Run one command group (``register`` of a flows.cli_* module) under the real root options."""
+    import typer
+    from typer.testing import CliRunner
+
+    from flows import cli
+
+    app = typer.Typer()
+    app.callback()(cli._main)
+    register(app)
+    return CliRunner().invoke(app, ["--home", str(home), *args])
 
 
 def tiny_runs(tmp_path_factory) -> TinyRuns:
