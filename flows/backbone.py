@@ -89,13 +89,6 @@ def load_training_crops(home: Path, dataset: str, image_size: int, margin: float
     return crops
 
 
-def init_from_label(spec: str) -> str:
-    """How a warm start is recorded: the backbone's folder name, never a machine path."""
-    from pipeline.backbones.loading import backbone_name
-
-    return backbone_name(spec)
-
-
 def load_init_model(spec: str, home: Path, image_size: int, channels: tuple[int, ...] | None):
     """The DDPM a warm-started run continues (fp32), checked against the run's settings."""
     from pipeline.backbones.ddpm import CategoryDDPM
@@ -163,6 +156,7 @@ def train_backbone(
     import torch
 
     from pipeline.backbones.ddpm import CategoryDDPM, unet_arch
+    from pipeline.backbones.loading import backbone_name
     from pipeline.backbones.training import TrainConfig, list_checkpoints, weights_fingerprint
 
     log = get_run_logger()
@@ -179,7 +173,7 @@ def train_backbone(
         model = load_init_model(init_from, Path(home), image_size, channels).to(device)
         model.name = name
         init = {
-            "backbone": init_from_label(init_from),
+            "backbone": backbone_name(init_from),  # the folder's name, never a machine path
             "weights": weights_fingerprint(model.unet),
             "steps": (model.meta.get("training") or {}).get("steps"),
             "train_wall_seconds_total": (model.meta.get("training") or {}).get("train_wall_seconds_total"),
