@@ -125,6 +125,10 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("k", pa.int32()),
             pa.field("n_regressor_images", pa.int32()),
             pa.field("repeat", pa.int32()),
+            # Evaluation protocol (pipeline.evaluation.protocols) and box rule of the row;
+            # rows that do not depend on them (cluster quality, ...) carry the defaults.
+            pa.field("protocol", pa.string()),
+            pa.field("box", pa.string()),
         ]
     ),
     # Per-image errors for CED curves and pose splits.
@@ -137,6 +141,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("image_id", pa.string()),
             pa.field("nme", pa.float64()),
             pa.field("yaw", pa.float32()),
+            pa.field("protocol", pa.string()),
+            pa.field("box", pa.string()),
         ]
     ),
     # Feature probe (``uld backbone probe``): transfer PCK per feature combination, one row
@@ -171,8 +177,11 @@ SCHEMAS: dict[str, pa.Schema] = {
 }
 
 # Columns added to a schema after tables of that kind were written: the value older
-# tables are read with (keypoints before `fallback` existed had no fallbacks flagged).
-ADDED_COLUMNS: dict[str, dict[str, Any]] = {"keypoints": {"fallback": False}}
+# tables are read with, and rows from writers that do not set it are written with
+# (keypoints before `fallback` existed had no fallbacks flagged; metrics and errors
+# before `protocol` / `box` existed were all evaluated under `paper` / `landmarks`).
+_PROTOCOL_DEFAULTS = {"protocol": "paper", "box": "landmarks"}
+ADDED_COLUMNS: dict[str, dict[str, Any]] = {"keypoints": {"fallback": False}, "metrics": _PROTOCOL_DEFAULTS, "errors": _PROTOCOL_DEFAULTS}
 
 _META_KEY = b"uld"
 
@@ -186,6 +195,9 @@ def table_schema(kind: str) -> pa.Schema:
 
 def _to_arrow(df: pd.DataFrame, kind: str, where: str) -> pa.Table:
     schema = table_schema(kind)
+    added = {n: v for n, v in ADDED_COLUMNS.get(kind, {}).items() if n not in df.columns}
+    if added:
+        df = df.assign(**added)
     missing = [f.name for f in schema if f.name not in df.columns]
     if missing:
         raise StoreError(
