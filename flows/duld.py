@@ -38,7 +38,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,7 @@ class RunContext:
     eval_batch: int = 32
     rois: np.ndarray | None = None  # (len(store), 4) crop-px object boxes, or None = whole crop
     views: Any = None  # storage.augmented_features.ViewStore of the training crops, or None (feature warps)
+    evaluation: dict = field(default_factory=dict)  # evaluate_keypoints settings (protocol, box, ...); {} = its defaults
 
     @property
     def ws(self) -> Workspace:
@@ -309,7 +310,7 @@ def evaluate_task(ctx: RunContext, round_: int, model: ULDHeads) -> tuple[np.nda
              "metric": "fallback_fraction", "value": float(pred.fallback.mean()), "k": ctx.config.k, "n_regressor_images": -1, "repeat": -1}
         )
     write_metrics(ctx.home, ctx.run_id, extra)
-    rows = evaluate_keypoints(ctx.home, ctx.run_id, ctx.dataset, METHOD, stage, round_, seed=ctx.seed, plot=True)
+    rows = evaluate_keypoints(ctx.home, ctx.run_id, ctx.dataset, METHOD, stage, round_, seed=ctx.seed, plot=True, **ctx.evaluation)
     return centers, kp, rows
 
 
@@ -412,8 +413,12 @@ def duld(
     threshold: float | None = None,
     relative_threshold: float | None = None,
     device: str = "auto",
+    evaluation: dict | None = None,
 ) -> pd.DataFrame:
     """Train D-ULD on a dataset's cached features and evaluate every round.
+
+    ``evaluation``: settings passed to ``flows.results.evaluate_keypoints``
+    (``protocol``, ``box``, ``n_regressor_images``, ``repeats``); None = its defaults.
 
     ``resolution``: heatmap / descriptor map size (default: crop/4, at most
     the largest cached map). ``max_rounds`` stops after that many completed
@@ -469,6 +474,8 @@ def duld(
         "n_train": int(len(train_rows)),
         "n_test": int(len(test_rows)),
     }
+    if evaluation:
+        config["evaluation"] = dict(evaluation)
     run_id, resuming = resolve_run(home, run_id, resume, config)
     claim(Workspace(home).run_dir(run_id), "run")  # one writer per run folder, until this flow returns
     write_run_config(home, run_id, config)
@@ -486,7 +493,8 @@ def duld(
 
         path = extract_view_features(dataset, backbone, store.path, cfg.views, home=home, device=device)
         view_store = ViewStore.open(path)
-    ctx = RunContext(home, run_id, dataset, store, train_rows, test_rows, cfg, heads, int(seed), progress, rois=rois, views=view_store)
+    ctx = RunContext(home, run_id, dataset, store, train_rows, test_rows, cfg, heads, int(seed), progress, rois=rois, views=view_store,
+                     evaluation=dict(evaluation or {}))
     done = completed_rounds(ctx, rounds)
     if resuming:
         print(f"resuming run {run_id}: " + ("nothing finished yet" if done < 0 else f"rounds 0..{done} finished"))
