@@ -1,0 +1,257 @@
+"""Two-stage clustering (TSC) of D-ULD++ (paper 001, Sec 3.3.2) and the K landmark identities.
+
+Stage 1 clusters the per-image latent pose codes ``phi_j`` into Q pose clusters
+(labels ``u_j``). Stage 2 clusters, inside each pose cluster, the keypoint
+descriptors of its images into K clusters. That gives Q x K labels
+``r = u * K + c`` ("[R] = [Q] x [K]"); per image and label the keypoint whose
+descriptor is nearest its centroid is kept (exemplar assignment, Sec 3.1), so an
+image carries at most K labelled keypoints, all from its own pose cluster.
+
+Under-populated pose clusters
+-----------------------------
+A pose cluster with fewer than ``min_points_per_landmark * K`` keypoints (a
+handful of images in an unusual pose, or a cluster FAISS left empty) cannot
+estimate K pose-specific centroids: k-means on so few points returns centroids
+that are single keypoints. Such a cluster keeps its images (their pose label
+is still informative for Eq. 3) but uses the *global* K-means centroids for
+stage 2, i.e. it falls back to D-ULD's single-stage clustering; it is flagged
+in ``fallback_``. Merging its images into the nearest populated pose cluster
+was the alternative; it would give them a pose label they do not have and
+would silently change Q.
+
+Landmark identities (``match_identities``)
+------------------------------------------
+Stage 2 numbers the K clusters of every pose cluster independently: landmark
+``c = 3`` of the frontal cluster and ``c = 3`` of the left-profile cluster are
+unrelated parts. Training D-ULD++ needs only the Q x K labels, but the
+evaluator (and anyone using the landmarks) needs K outputs that mean the same
+part in every pose. The paper does not say how its K evaluated landmarks are
+obtained from the Q x K clusters; we match them through one reference: the
+global K-means of all descriptors (D-ULD's clustering, which groups each part
+across poses). For every pose cluster, the K x K squared distances between its
+stage-2 centroids and the global centroids are the cost of a linear assignment
+(Hungarian algorithm, ``scipy.optimize.linear_sum_assignment``), which yields
+a (Q, K) table ``label -> global landmark id``. Why this way:
+
+- descriptors, not positions: where a part sits in the crop moves with pose
+  (that is why TSC exists), while its descriptor is trained to stay the same;
+- one-to-one per pose cluster: nearest-centroid voting can send two local
+  clusters to the same identity and leave another identity empty, which the
+  evaluator would see as a missing landmark in every image of that pose;
+- a single shared reference instead of chaining pose clusters pairwise, so an
+  error in one match does not propagate to the next cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from pipeline.clustering import FaissKMeans, nearest_centroid
+from pipeline.errors import ConfigError
+from pipeline.methods.duld import KeypointSet
+from pipeline.methods.exemplar import exemplar_assign
+
+
+def match_identities(pose_centers: np.ndarray, global_centers: np.ndarray) -> np.ndarray:
+    """(Q, K) int64 table: entry ``[u, c]`` is the global landmark id of pose cluster ``u``'s landmark ``c``.
+
+    ``pose_centers`` (Q, K, D): stage-2 centroids per pose cluster;
+    ``global_centers`` (K, D): a K-means of all descriptors. Per pose cluster a
+    minimum-cost one-to-one assignment on squared Euclidean distances, so every
+    row of the table is a permutation of ``0..K-1`` (see the module docstring).
+    """
+    P = np.asarray(pose_centers, dtype=np.float64)
+    G = np.asarray(global_centers, dtype=np.float64)
+    if P.ndim != 3 or G.ndim != 2 or P.shape[1:] != G.shape:
+        raise ConfigError(
+            f"pose centres must be (Q, K, D) and global centres (K, D), got {P.shape} and {G.shape}",
+            where="match_identities",
+        )
+    if not (np.isfinite(P).all() and np.isfinite(G).all()):
+        raise ConfigError("centroids contain NaN or inf", where="match_identities")
+    Q, K, _ = P.shape
+    table = np.empty((Q, K), np.int64)
+    for u in range(Q):
+        cost = ((P[u][:, None, :] - G[None, :, :]) ** 2).sum(-1)  # (K local, K global)
+        local, glob = linear_sum_assignment(cost)
+        table[u, local] = glob
+    return table
+
+
+@dataclass
+class TwoStageLabels:
+    """TSC pseudo-labels of N images: at most K keypoints per image, all from its pose cluster.
+
+    ``rows`` (N,) store rows; ``pose`` (N,) stage-1 cluster ``u``; column ``c``
+    of ``coords`` (N, K, 2, crop px, NaN where absent), ``present`` (N, K),
+    ``distance`` (N, K, squared descriptor distance to the centroid, NaN where
+    absent) and ``keypoint`` (N, K, index into the KeypointSet, -1 where
+    absent) is local landmark ``c`` of the image's pose cluster; ``identity``
+    (N, K) is that column's global landmark id (:func:`match_identities`).
+    """
+
+    rows: np.ndarray
+    pose: np.ndarray
+    coords: np.ndarray
+    present: np.ndarray
+    distance: np.ndarray
+    keypoint: np.ndarray
+    identity: np.ndarray
+
+    @property
+    def k(self) -> int:
+        return int(self.present.shape[1])
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(N, K) TSC label ``r = u * K + c`` of each column (the descriptor loss's classes)."""
+        return self.pose[:, None] * self.k + np.arange(self.k)[None, :]
+
+    def by_identity(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(coords (N, K, 2), present (N, K))`` with column = global landmark id, for the evaluator."""
+        n = len(self.rows)
+        coords = np.full_like(self.coords, np.nan)
+        present = np.zeros_like(self.present)
+        img = np.arange(n)[:, None]
+        coords[img, self.identity] = self.coords
+        present[img, self.identity] = self.present
+        return coords, present
+
+
+def _seed(seed: int, stage: int, part: int = 0) -> int:
+    """Independent FAISS seeds per stage and pose cluster (restarts add 0..n_init-1 to it)."""
+    return int(np.random.SeedSequence([int(seed), stage, part]).generate_state(1)[0] % (2**31 - 1024))
+
+
+class TwoStageLabeller:
+    """TSC (paper 001, Sec 3.3.2): Q pose clusters of the codes, then K descriptor clusters per pose.
+
+    Parameters: ``q`` pose clusters, ``k`` landmarks; ``n_init``/``max_iter``
+    of every FAISS k-means; ``min_points_per_landmark``: a pose cluster needs at
+    least this many keypoints per landmark (``* k``) for its own stage-2
+    centroids, otherwise it uses the global ones (module docstring).
+
+    Fitted attributes: ``pose_centers_`` (Q, L), ``centers_`` (Q, K, D) stage-2
+    centroids, ``global_centers_`` (K, D), ``identities_`` (Q, K) (see
+    :func:`match_identities`), ``fallback_`` (Q,) bool, ``pose_images_`` (Q,)
+    images and ``pose_keypoints_`` (Q,) keypoints per pose cluster in the
+    training set.
+    """
+
+    def __init__(self, q: int, k: int, n_init: int = 3, max_iter: int = 50, min_points_per_landmark: int = 5) -> None:
+        self.q = q
+        self.k = k
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.min_points_per_landmark = min_points_per_landmark
+
+    # ------------------------------------------------------------------ helpers
+    def _kmeans(self, n_clusters: int, seed: int) -> FaissKMeans:
+        # use_gpu=False: FAISS's GPU k-means is not bit-reproducible; these sets are small.
+        return FaissKMeans(n_clusters=n_clusters, n_init=self.n_init, max_iter=self.max_iter, seed=seed, use_gpu=False)
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "centers_"):
+            raise ConfigError("the two-stage labeller is not fitted", where="TwoStageLabeller.predict", fix="call fit(...) first")
+
+    @staticmethod
+    def _image_index(keypoints: KeypointSet, codes: np.ndarray, image_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Validate the inputs; return (codes float32 (N, L), image position of every keypoint (M,))."""
+        image_rows = np.asarray(image_rows, dtype=np.int64).ravel()
+        codes = np.asarray(codes, dtype=np.float32)
+        if codes.ndim != 2 or len(codes) != len(image_rows):
+            raise ConfigError(
+                f"codes must be (n_images, L) with one row per image row, got {codes.shape} for {len(image_rows)} images",
+                where="TwoStageLabeller",
+                fix="encode every image of image_rows with the pose VAE (PoseVAE.codes)",
+            )
+        if len(np.unique(image_rows)) != len(image_rows):
+            raise ConfigError("image_rows contains duplicates", where="TwoStageLabeller")
+        order = np.argsort(image_rows, kind="stable")
+        kp_rows = np.asarray(keypoints.rows, dtype=np.int64)
+        at = np.searchsorted(image_rows[order], kp_rows)
+        at = np.minimum(at, max(len(image_rows) - 1, 0))
+        if len(kp_rows) and (len(image_rows) == 0 or (image_rows[order][at] != kp_rows).any()):
+            raise ConfigError("keypoints belong to images outside image_rows", where="TwoStageLabeller")
+        return codes, order[at] if len(kp_rows) else np.zeros(0, np.int64)
+
+    # ---------------------------------------------------------------------- fit
+    def fit(self, keypoints: KeypointSet, codes: np.ndarray, image_rows: np.ndarray, seed: int = 0) -> "TwoStageLabeller":
+        """Fit stage 1 on ``codes`` (one per image of ``image_rows``), stage 2 per pose cluster, identities."""
+        q, k = int(self.q), int(self.k)
+        if q < 1 or k < 1 or int(self.min_points_per_landmark) < 1:
+            raise ConfigError(f"q, k and min_points_per_landmark must be >= 1, got {q}, {k}, {self.min_points_per_landmark}", where="TwoStageLabeller")
+        codes, img = self._image_index(keypoints, codes, image_rows)
+        if len(codes) < q:
+            raise ConfigError(f"{len(codes)} images cannot form {q} pose clusters", where="TwoStageLabeller.fit", fix="lower q")
+        if len(keypoints) < k:
+            raise ConfigError(
+                f"only {len(keypoints)} keypoints for k={k} landmarks", where="TwoStageLabeller.fit", fix="detect more keypoints per image or lower k"
+            )
+        desc = np.asarray(keypoints.desc, dtype=np.float32)
+        pose_km = self._kmeans(q, _seed(seed, 1)).fit(codes)
+        pose = pose_km.labels_
+        self.pose_centers_ = pose_km.cluster_centers_
+        self.global_centers_ = self._kmeans(k, _seed(seed, 2)).fit(desc).cluster_centers_
+        kp_pose = pose[img]
+        centers = np.empty((q, k, desc.shape[1]), np.float32)
+        fallback = np.zeros(q, bool)
+        need = int(self.min_points_per_landmark) * k
+        for u in range(q):
+            sel = kp_pose == u
+            if int(sel.sum()) < need:
+                centers[u] = self.global_centers_
+                fallback[u] = True
+            else:
+                centers[u] = self._kmeans(k, _seed(seed, 3, u)).fit(desc[sel]).cluster_centers_
+        self.centers_ = centers
+        self.fallback_ = fallback
+        self.identities_ = match_identities(centers, self.global_centers_)
+        # a fallback cluster uses the global centroids themselves: its identities are exact
+        self.identities_[fallback] = np.arange(k)
+        self.pose_images_ = np.bincount(pose, minlength=q)
+        self.pose_keypoints_ = np.bincount(kp_pose, minlength=q)
+        return self
+
+    # ------------------------------------------------------------------ predict
+    def predict_pose(self, codes: np.ndarray) -> np.ndarray:
+        """Stage-1 label ``u`` (n,) of each code."""
+        self._check_fitted()
+        return nearest_centroid(np.asarray(codes, np.float32), self.pose_centers_, use_gpu=False)[0]
+
+    def predict(self, keypoints: KeypointSet, codes: np.ndarray, image_rows: np.ndarray) -> TwoStageLabels:
+        """TSC labels: pose cluster per image, then per image and landmark the keypoint nearest its centroid."""
+        self._check_fitted()
+        codes, img = self._image_index(keypoints, codes, image_rows)
+        image_rows = np.asarray(image_rows, dtype=np.int64).ravel()
+        n, k = len(image_rows), int(self.k)
+        pose = self.predict_pose(codes) if n else np.zeros(0, np.int64)
+        kp_pose = pose[img]
+        local = np.zeros(len(keypoints), np.int64)
+        sq = np.zeros(len(keypoints), np.float32)
+        desc = np.asarray(keypoints.desc, dtype=np.float32)
+        for u in np.unique(kp_pose):
+            sel = np.flatnonzero(kp_pose == u)
+            local[sel], sq[sel] = nearest_centroid(desc[sel], self.centers_[u], use_gpu=False)
+        assign = exemplar_assign(img, local, sq, n, k)
+        present = assign >= 0
+        safe = np.where(present, assign, 0)
+        xy = np.asarray(keypoints.xy, dtype=np.float32)
+        coords = np.where(present[..., None], xy[safe] if len(xy) else np.zeros((n, k, 2), np.float32), np.nan)
+        dist = np.where(present, sq[safe] if len(sq) else np.zeros((n, k), np.float32), np.nan)
+        return TwoStageLabels(
+            rows=image_rows,
+            pose=pose.astype(np.int64),
+            coords=coords.astype(np.float32),
+            present=present,
+            distance=dist.astype(np.float32),
+            keypoint=assign,
+            identity=self.identities_[pose] if n else np.zeros((0, k), np.int64),
+        )
+
+    def fit_predict(self, keypoints: KeypointSet, codes: np.ndarray, image_rows: np.ndarray, seed: int = 0) -> TwoStageLabels:
+        """``fit`` then ``predict`` on the same images (one TSC round of D-ULD++)."""
+        return self.fit(keypoints, codes, image_rows, seed).predict(keypoints, codes, image_rows)

@@ -1,0 +1,265 @@
+"""D-ULD++ building blocks (paper 001, Sec 3.3): pose VAE, ELBO, Eq. 3, two-stage clustering, identities."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import ConfigError
+from pipeline.heads.pose_losses import elbo_loss, latent_contrastive_loss
+from pipeline.heads.pose_vae import PoseVAE, PoseVAEConfig, gaussian_pose_map
+from pipeline.labelling.two_stage import TwoStageLabeller, match_identities
+from pipeline.methods.duld import KeypointSet
+
+torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------ pose VAE
+
+
+def test_gaussian_pose_map_peaks_at_the_landmarks_and_ignores_absent_ones():
+    R = 16
+    # cell centres 3 and 12 (normalised n = (2 * (j + 0.5)) / R - 1)
+    cell = lambda j: (2 * (j + 0.5)) / R - 1
+    pts = torch.tensor([[[cell(3), cell(5)], [cell(12), cell(10)], [float("nan"), float("nan")]]])
+    present = torch.tensor([[True, True, False]])
+    g = gaussian_pose_map(pts, present, R, sigma=1.0)
+    assert g.shape == (1, 1, R, R)
+    assert g[0, 0, 5, 3].item() == pytest.approx(1.0)
+    assert g[0, 0, 10, 12].item() == pytest.approx(1.0)
+    assert g[0, 0, 5, 4].item() == pytest.approx(math.exp(-0.5), rel=1e-5)  # one cell away, sigma 1
+    assert torch.isfinite(g).all() and g.max() <= 1.0
+    # only two blobs: far from both landmarks the map is ~0
+    assert g[0, 0, 15, 0].item() < 1e-6
+    with pytest.raises(ConfigError):
+        gaussian_pose_map(pts[:, :, :1], present, R)
+
+
+def test_pose_vae_shapes_and_deterministic_codes_in_eval():
+    cfg = PoseVAEConfig(size=16, k=4, latent=64, widths=(8, 16))
+    torch.manual_seed(0)
+    vae = PoseVAE(cfg)
+    H = torch.rand(3, 1, 16, 16)
+    out = vae(H)
+    assert out.logits.shape == (3, 1, 16, 16)
+    assert out.mu.shape == out.logvar.shape == out.z.shape == (3, 64)
+    assert not torch.equal(out.z, out.mu)  # training mode samples
+    vae.eval()
+    a, b = vae(H), vae(H)
+    assert torch.equal(a.z, a.mu) and torch.equal(a.logits, b.logits)
+    assert torch.equal(vae.codes(H), a.mu)
+    with pytest.raises(ConfigError):
+        vae(torch.rand(3, 1, 8, 8))
+    with pytest.raises(ConfigError):
+        PoseVAEConfig(size=20, k=4, widths=(8, 16, 32))  # 20 is not a multiple of 8
+
+
+def test_elbo_kl_term_is_the_closed_form():
+    mu = torch.ones(2, 64)
+    logvar = torch.zeros(2, 64)
+    target = torch.zeros(2, 1, 4, 4)
+    recon = torch.full((2, 1, 4, 4), -30.0)  # sigmoid ~ 0: perfect reconstruction of an empty map
+    terms = elbo_loss(recon, target, mu, logvar, beta=2.0)
+    assert terms.kl.item() == pytest.approx(0.5 * 64)  # 0.5 * (1 + 1 - 1 - 0) per dimension
+    assert terms.reconstruction.item() == pytest.approx(0.0, abs=1e-4)
+    assert terms.loss.item() == pytest.approx(2.0 * 32, abs=1e-3)
+
+
+def _toy_heatmaps(n: int, R: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy 'detector heatmaps' of K landmarks in a few shifted configurations, and clean targets."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.tensor([[-0.5, -0.4], [0.5, -0.4], [0.0, 0.1], [0.0, 0.5]])[:K]
+    shift = (torch.rand(n, 1, 2, generator=g) - 0.5) * 0.6
+    pts = base[None] + shift
+    present = torch.ones(n, K, dtype=torch.bool)
+    target = gaussian_pose_map(pts, present, R, 1.0)
+    noisy = gaussian_pose_map(pts + 0.05 * torch.randn(pts.shape, generator=g), present, R, 1.5)
+    noisy = (noisy + 0.1 * torch.rand(noisy.shape, generator=g)).clamp(0, 1)
+    return noisy, target
+
+
+def test_elbo_falls_over_100_adam_steps_on_a_toy_set():
+    R, K = 16, 4
+    H, G = _toy_heatmaps(32, R, K, seed=0)
+    torch.manual_seed(0)
+    vae = PoseVAE(PoseVAEConfig(size=R, k=K, latent=64, widths=(8, 16)))
+    opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(100):
+        out = vae(H, generator=gen)
+        terms = elbo_loss(out.logits, G, out.mu, out.logvar, beta=1.0)
+        opt.zero_grad()
+        terms.loss.backward()
+        opt.step()
+        losses.append(terms.loss.item())
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < 0.5 * first, (first, last)
+    # the reconstruction really found the blobs: peaks of G are bright in sigmoid(logits)
+    vae.eval()
+    with torch.no_grad():
+        rec = torch.sigmoid(vae(H).logits)
+    assert rec[G > 0.9].mean() > 0.5 and rec[G < 0.01].mean() < 0.1
+
+
+# ------------------------------------------------------------------ Eq. 3
+
+
+def test_latent_contrastive_loss_hand_checked():
+    # 1-D codes: a = 0, b = 0.3 (pose 0), c = 1.0 (pose 1); m = 0.8
+    # anchor a: pull |a-b| = 0.3, push max(0, 0.8 - 1.0) = 0        -> 0.3
+    # anchor b: pull 0.3,        push max(0, 0.8 - 0.7) = 0.1        -> 0.4
+    # anchor c: no same-pose partner; push mean(0, 0.1) = 0.05      -> 0.05
+    codes = torch.tensor([[0.0], [0.3], [1.0]], requires_grad=True)
+    labels = torch.tensor([0, 0, 1])
+    loss = latent_contrastive_loss(codes, labels, margin=0.8)
+    assert loss.item() == pytest.approx((0.3 + 0.4 + 0.05) / 3, abs=1e-6)
+    loss.backward()
+    assert torch.isfinite(codes.grad).all()
+
+
+def test_latent_contrastive_loss_is_unsquared_and_ignores_negative_labels():
+    # two codes of one pose 2 apart: Eq. 3 pulls with ||.|| = 2 (a squared form would give 4)
+    codes = torch.tensor([[0.0, 0.0], [2.0, 0.0], [9.0, 9.0]])
+    assert latent_contrastive_loss(codes, torch.tensor([0, 0, -1])).item() == pytest.approx(2.0, abs=1e-6)
+    # separated beyond the margin and collapsed within poses: nothing to do
+    codes = torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0]])
+    assert latent_contrastive_loss(codes, torch.tensor([0, 0, 1]), margin=0.8).item() == pytest.approx(0.0, abs=1e-5)
+    assert latent_contrastive_loss(codes[:1], torch.tensor([0])).item() == 0.0
+
+
+# ------------------------------------------------------------------ identities
+
+
+def test_match_identities_recovers_permuted_centroids():
+    rng = np.random.default_rng(0)
+    K, D, Q = 6, 8, 4
+    G = rng.normal(size=(K, D)) * 3
+    perms = [rng.permutation(K) for _ in range(Q)]
+    P = np.stack([G[p] + 0.2 * rng.normal(size=(K, D)) for p in perms])
+    table = match_identities(P, G)
+    assert table.shape == (Q, K)
+    for u in range(Q):
+        np.testing.assert_array_equal(table[u], perms[u])
+
+
+def test_match_identities_is_one_to_one_where_nearest_would_collide():
+    G = np.array([[0.0, 0.0], [3.0, 0.0]])
+    P = np.array([[[1.0, 0.0], [1.4, 0.0]]])  # both nearest to global 0; Hungarian: costs 1 + 2.56 < 4 + 1.96
+    np.testing.assert_array_equal(match_identities(P, G), [[0, 1]])
+    with pytest.raises(ConfigError):
+        match_identities(P[:, :1], G)
+
+
+# ------------------------------------------------------------------ two-stage clustering
+
+
+def _tsc_case(Q=3, K=4, per_pose=(12, 12, 12), seed=0, drop=0.1):
+    """Images in Q well-separated pose-code groups; per image one keypoint per part (some dropped)
+    plus a worse duplicate of part 0; part descriptors = part base + pose offset + noise."""
+    rng = np.random.default_rng(seed)
+    L, D = 64, 16
+    pose_centres = rng.normal(size=(Q, L)) * 5
+    parts = rng.normal(size=(K, D)) * 2
+    parts /= np.linalg.norm(parts, axis=1, keepdims=True) / 3.0  # parts ~3 from the origin, well apart
+    offsets = rng.normal(size=(Q, D))
+    offsets *= 0.9 / np.linalg.norm(offsets, axis=1, keepdims=True)  # pose shifts every part by 0.9
+    true_pose, codes, rows, xy, desc, part_of, kept = [], [], [], [], [], [], []
+    img = 0
+    for u, n in enumerate(per_pose):
+        for _ in range(n):
+            true_pose.append(u)
+            codes.append(pose_centres[u] + 0.3 * rng.normal(size=L))
+            for c in range(K):
+                if c > 0 and rng.random() < drop:
+                    continue
+                d = parts[c] + offsets[u] + 0.05 * rng.normal(size=D)
+                rows.append(img); xy.append(rng.uniform(0, 64, 2)); desc.append(d); part_of.append(c); kept.append(True)
+                if c == 0:  # a second, worse candidate for part 0: exemplar assignment must not keep it
+                    rows.append(img); xy.append(rng.uniform(0, 64, 2)); desc.append(d + 0.4 * rng.normal(size=D))
+                    part_of.append(c); kept.append(False)
+            img += 1
+    image_rows = np.arange(img) + 100  # store rows need not start at 0
+    kps = KeypointSet(
+        rows=np.asarray(rows) + 100,
+        xy=np.asarray(xy, np.float32),
+        score=np.ones(len(rows), np.float32),
+        desc=np.asarray(desc, np.float32),
+    )
+    return kps, np.asarray(codes, np.float32), image_rows, np.asarray(true_pose), np.asarray(part_of), np.asarray(kept)
+
+
+def _one_to_one(pred: np.ndarray, true: np.ndarray) -> dict[int, int]:
+    """The mapping pred -> true, asserting it is a bijection consistent on every item."""
+    mapping = {}
+    for p, t in zip(pred.tolist(), true.tolist()):
+        assert mapping.setdefault(p, t) == t, "one predicted cluster holds two true ones"
+    assert len(set(mapping.values())) == len(mapping), "two predicted clusters share one true one"
+    return mapping
+
+
+def test_two_stage_labels_recover_the_construction():
+    Q, K = 3, 4
+    kps, codes, image_rows, true_pose, part_of, kept = _tsc_case(Q, K)
+    labeller = TwoStageLabeller(q=Q, k=K).fit(kps, codes, image_rows, seed=0)
+    out = labeller.predict(kps, codes, image_rows)
+    assert not labeller.fallback_.any()
+    # stage 1: the pose clusters are the constructed poses (up to renaming)
+    _one_to_one(out.pose, true_pose)
+    # the kept keypoints are the good candidates, one per constructed part and image
+    idx = out.keypoint[out.present]
+    assert kept[idx].all()
+    assert out.present.sum() == kept.sum()
+    # stage 2 + identities: one global renaming of parts, the same in every pose cluster
+    ident = out.identity[out.present]
+    _one_to_one(ident, part_of[idx])
+    # and the Q x K labels are the (pose, part) pairs
+    _one_to_one(out.labels[out.present], true_pose[np.nonzero(out.present)[0]] * K + part_of[idx])
+    coords, present = out.by_identity()
+    assert present.sum() == out.present.sum()
+    # by_identity puts every keypoint under its global id
+    n_img, c_loc = np.nonzero(out.present)
+    np.testing.assert_array_equal(coords[n_img, out.identity[n_img, c_loc]], out.coords[n_img, c_loc])
+
+
+def test_two_stage_is_deterministic_for_a_seed():
+    kps, codes, image_rows, *_ = _tsc_case()
+    a = TwoStageLabeller(q=3, k=4).fit(kps, codes, image_rows, seed=7)
+    b = TwoStageLabeller(q=3, k=4).fit(kps, codes, image_rows, seed=7)
+    np.testing.assert_array_equal(a.centers_, b.centers_)
+    np.testing.assert_array_equal(a.identities_, b.identities_)
+    la, lb = a.predict(kps, codes, image_rows), b.predict(kps, codes, image_rows)
+    np.testing.assert_array_equal(la.keypoint, lb.keypoint)
+
+
+def test_small_pose_cluster_falls_back_to_global_centroids():
+    K = 4
+    # pose 2 has 2 images (~9 keypoints) < 5 * K = 20: no centroids of its own
+    kps, codes, image_rows, true_pose, part_of, kept = _tsc_case(3, K, per_pose=(15, 15, 2))
+    labeller = TwoStageLabeller(q=3, k=K, min_points_per_landmark=5).fit(kps, codes, image_rows, seed=0)
+    small = int(np.argmin(labeller.pose_images_))
+    assert labeller.pose_images_[small] == 2
+    np.testing.assert_array_equal(labeller.fallback_, np.arange(3) == small)
+    np.testing.assert_array_equal(labeller.centers_[small], labeller.global_centers_)
+    np.testing.assert_array_equal(labeller.identities_[small], np.arange(K))
+    out = labeller.predict(kps, codes, image_rows)
+    # its images are still labelled, consistently with the rest
+    in_small = out.pose == small
+    assert out.present[in_small].any()
+    idx = out.keypoint[out.present]
+    _one_to_one(out.identity[out.present], part_of[idx])
+
+
+def test_two_stage_rejects_bad_input():
+    kps, codes, image_rows, *_ = _tsc_case()
+    with pytest.raises(ConfigError):
+        TwoStageLabeller(q=3, k=4).fit(kps, codes[:-1], image_rows)
+    with pytest.raises(ConfigError):
+        TwoStageLabeller(q=len(image_rows) + 1, k=4).fit(kps, codes, image_rows)
+    with pytest.raises(ConfigError):
+        TwoStageLabeller(q=3, k=4).predict(kps, codes, image_rows)  # not fitted
+    with pytest.raises(ConfigError):
+        TwoStageLabeller(q=3, k=4).fit(kps, codes[1:], image_rows[1:])  # keypoints of an unknown image
