@@ -7,13 +7,14 @@ dataset ?= synthetic
 backbone ?= shipped
 FAISS_EXTRA ?= dev
 
-.PHONY: setup test demo features clean-workspace help
+.PHONY: setup test demo features ui ui-stop clean-workspace help
 
 help:
 	@echo "make setup                      create .venv (torch CPU wheel first, then the project)"
 	@echo "make demo                       synthetic data -> features -> ZeroShot -> D-ULD -> metrics"
 	@echo "make test                       run the test suite"
 	@echo "make features dataset=D [backbone=B]   cache diffusion hyperfeatures for dataset D"
+	@echo "make ui [port=4200]             local Prefect server + UI on 127.0.0.1, reused by every uld command"
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +35,13 @@ demo: setup
 
 features: setup
 	$(ULD) features --dataset $(dataset) --backbone $(backbone)
+
+port ?= 4200
+ui: setup
+	$(ULD) ui --port $(port)
+
+ui-stop: setup
+	$(ULD) ui --stop
 
 clean-workspace:
 	rm -rf workspace

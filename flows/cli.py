@@ -58,9 +58,9 @@ def settings(ctx: typer.Context) -> Settings:
 
 def _register_commands() -> None:
     # Each stage's commands live beside its flow; the order here is the order in --help.
-    from flows import cli_backbone, cli_datasets, cli_demo, cli_discover, cli_duld, cli_evaluate, cli_features, cli_predict, cli_report, cli_train, cli_zeroshot
+    from flows import cli_backbone, cli_datasets, cli_demo, cli_discover, cli_duld, cli_evaluate, cli_features, cli_predict, cli_report, cli_train, cli_ui, cli_zeroshot
 
-    for module in (cli_demo, cli_datasets, cli_backbone, cli_features, cli_zeroshot, cli_train, cli_duld, cli_evaluate, cli_predict, cli_report, cli_discover):
+    for module in (cli_demo, cli_datasets, cli_backbone, cli_features, cli_zeroshot, cli_train, cli_duld, cli_evaluate, cli_predict, cli_report, cli_discover, cli_ui):
         module.register(app)
 
 
@@ -84,6 +84,13 @@ def _prefect_defaults(home: Optional[Path] = None) -> None:
         # work, and a command that writes into the workspace stops with a clean message.
         if writable:
             os.environ["PREFECT_HOME"] = str(prefect_home)
+    # A server started by `uld ui` for this workspace is reused when it answers (one
+    # local HTTP request), saving the temporary server's start-up; otherwise Prefect
+    # starts its temporary one as before.
+    from flows.local_server import use_running_server
+
+    base = Path(home) if home is not None else Path(os.environ.get("ULD_HOME", "workspace"))
+    use_running_server(Path(os.environ.get("PREFECT_HOME") or base.expanduser().resolve() / ".prefect"))
     # The temporary server Prefect starts when no PREFECT_API_URL is set needs ~10 s on
     # 2 busy cores; its default 20 s start-up limit fails under load, so allow more.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
