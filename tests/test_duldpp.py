@@ -11,8 +11,17 @@ import torch
 from pipeline.errors import ConfigError
 from pipeline.heads.pose_losses import elbo_loss, latent_contrastive_loss
 from pipeline.heads.pose_vae import PoseVAE, PoseVAEConfig, gaussian_pose_map
+from pipeline.heads.model import ULDHeads, ULDHeadsConfig
 from pipeline.labelling.two_stage import TwoStageLabeller, match_identities
-from pipeline.methods.duld import KeypointSet
+from pipeline.methods.duld import DULDConfig, KeypointSet
+from pipeline.methods.duldpp import (
+    DULDPPConfig,
+    expand_tsc_labels,
+    latent_step,
+    make_duldpp_optimizer,
+    pose_codes,
+    proxy_task_step,
+)
 
 torch.set_num_threads(1)
 
@@ -223,6 +232,18 @@ def test_two_stage_labels_recover_the_construction():
     # by_identity puts every keypoint under its global id
     n_img, c_loc = np.nonzero(out.present)
     np.testing.assert_array_equal(coords[n_img, out.identity[n_img, c_loc]], out.coords[n_img, c_loc])
+    # stage 2 inside a pose cluster is more compact than one clustering of all descriptors (Table 3's point)
+    from pipeline.clustering import nearest_centroid
+
+    _, d_global = nearest_centroid(kps.desc[idx], labeller.global_centers_, use_gpu=False)
+    assert out.distance[out.present].mean() < 0.25 * d_global.mean()
+    # a training batch's labels by store row
+    c_b, p_b, u_b = out.lookup(image_rows[[5, 0]])
+    np.testing.assert_array_equal(u_b, out.pose[[5, 0]])
+    np.testing.assert_array_equal(p_b, out.present[[5, 0]])
+    assert np.isfinite(c_b).all()
+    with pytest.raises(ConfigError):
+        out.lookup(np.array([image_rows.max() + 1]))
 
 
 def test_two_stage_is_deterministic_for_a_seed():
@@ -263,3 +284,93 @@ def test_two_stage_rejects_bad_input():
         TwoStageLabeller(q=3, k=4).predict(kps, codes, image_rows)  # not fitted
     with pytest.raises(ConfigError):
         TwoStageLabeller(q=3, k=4).fit(kps, codes[1:], image_rows[1:])  # keypoints of an unknown image
+
+
+# ------------------------------------------------------------------ D-ULD++ training steps
+
+_SHAPES = {"up1.res0@t0": (8, 8, 8), "up2.res0@t0": (6, 16, 16)}
+
+
+def _tiny_step_setup(B: int = 4, q: int = 2, K: int = 3, seed: int = 0):
+    torch.manual_seed(seed)
+    heads = ULDHeads(ULDHeadsConfig.from_feature_shapes(_SHAPES, crop_size=32, channels=8, hidden=8, descriptor_dim=6))
+    vae = PoseVAE(PoseVAEConfig(size=16, k=K, latent=64, widths=(8, 16)))
+    g = torch.Generator().manual_seed(seed)
+    batch = {"index": torch.arange(B), "features": {k: torch.randn(B, *s, generator=g) for k, s in _SHAPES.items()}}
+    coords = torch.rand(B, K, 2, generator=g) * 20 + 6
+    present = torch.ones(B, K, dtype=torch.bool)
+    present[0, 1] = False
+    pose = torch.arange(B) % q
+    cfg = DULDPPConfig(duld=DULDConfig(k=K, views=None), q=q)
+    return heads, vae, batch, coords, present, pose, cfg
+
+
+def test_expand_tsc_labels_puts_each_image_in_its_pose_columns():
+    coords = torch.arange(2 * 2 * 2, dtype=torch.float32).reshape(2, 2, 2)
+    present = torch.tensor([[True, False], [True, True]])
+    c, p = expand_tsc_labels(coords, present, torch.tensor([1, 0]), q=2)
+    assert c.shape == (2, 4, 2)
+    assert p.tolist() == [[False, False, True, False], [True, True, False, False]]
+    assert torch.equal(c[0, 2], coords[0, 0]) and torch.equal(c[1, 1], coords[1, 1])
+    with pytest.raises(ConfigError):
+        expand_tsc_labels(coords, present, torch.tensor([2, 0]), q=2)
+
+
+def _snapshot(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def _changed(before: list[torch.Tensor], module: torch.nn.Module) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def test_proxy_step_trains_detector_and_vae_but_not_the_descriptor_head():
+    heads, vae, batch, coords, present, pose, cfg = _tiny_step_setup()
+    opt = make_duldpp_optimizer(heads, vae, "proxy", cfg)
+    assert opt.param_groups[0]["lr"] == 5e-5  # paper, Sec 4
+    before = {name: _snapshot(m) for name, m in (("desc", heads.descriptor), ("det", heads.detector), ("vae", vae))}
+    losses = proxy_task_step(heads, vae, batch, coords, present, pose, cfg, torch.Generator().manual_seed(0))
+    assert {"loss", "detector", "contrastive", "elbo", "reconstruction", "kl"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    opt.zero_grad()
+    losses["loss"].backward()
+    assert heads.descriptor.net[0].weight.grad is not None  # the contrastive gradient passes through it ...
+    opt.step()
+    assert not _changed(before["desc"], heads.descriptor)  # ... but it stays frozen
+    assert _changed(before["det"], heads.detector) and _changed(before["vae"], vae)
+
+
+def test_proxy_elbo_reaches_the_detector_through_the_heatmap():
+    heads, vae, batch, coords, present, pose, cfg = _tiny_step_setup()
+    only_elbo = DULDPPConfig(duld=DULDConfig(k=3, views=None, detector_weight=0.0, match_weight=0.0, margin=1e-6), q=2, elbo_weight=1.0)
+    losses = proxy_task_step(heads, vae, batch, coords, present, pose, only_elbo, torch.Generator().manual_seed(0))
+    losses["elbo"].backward()
+    assert heads.detector.net[0].weight.grad.abs().sum() > 0
+
+
+def test_latent_step_trains_only_the_encoder_of_the_vae_and_eq3_falls():
+    heads, vae, batch, coords, present, pose, cfg = _tiny_step_setup(B=6, q=2)
+    cfg = DULDPPConfig(duld=cfg.duld, q=2, latent_lr=1e-2)  # tiny problem: a large step to see Eq. 3 move in 20 steps
+    opt = make_duldpp_optimizer(heads, vae, "latent", cfg)
+    before_desc, before_dec = _snapshot(heads.descriptor), [p.detach().clone() for p in vae.decoder_parameters()]
+    before_enc = [p.detach().clone() for p in vae.encoder_parameters()]
+    g = torch.Generator().manual_seed(0)
+    lat = []
+    for _ in range(20):
+        losses = latent_step(heads, vae, batch, coords, present, pose, cfg, g)
+        assert set(losses) == {"loss", "detector", "latent"}
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+        lat.append(losses["latent"].item())
+    assert not _changed(before_desc, heads.descriptor)
+    assert all(torch.equal(a, b) for a, b in zip(before_dec, vae.decoder_parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before_enc, vae.encoder_parameters()))
+    assert lat[-1] < 0.5 * lat[0], lat
+
+
+def test_pose_codes_one_per_image_and_deterministic():
+    heads, vae, batch, *_ = _tiny_step_setup()
+    rows, codes = pose_codes(heads, vae, [batch, {**batch, "index": batch["index"] + 10}])
+    assert rows.tolist() == [0, 1, 2, 3, 10, 11, 12, 13] and codes.shape == (8, 64)
+    np.testing.assert_array_equal(codes[:4], codes[4:])

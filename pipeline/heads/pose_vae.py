@@ -185,6 +185,14 @@ class PoseVAE(nn.Module):
             raise ConfigError(f"expected {self.config.k} landmarks per image, got {points.shape[1]}", where="PoseVAE.target")
         return gaussian_pose_map(points, present, self.config.size, self.config.sigma)
 
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """``H -> (mu, logvar)``: what D-ULD++'s second step trains with Eq. 3."""
+        return [*self.encoder.parameters(), *self.to_stats.parameters()]
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """``z -> G``: used only by the ELBO of the first step, dropped afterwards."""
+        return [*self.from_code.parameters(), *self.decoder.parameters()]
+
     @torch.no_grad()
     def codes(self, heatmap: torch.Tensor) -> torch.Tensor:
         """Deterministic pose codes (the posterior means) for TSC's stage-1 clustering, (B, latent)."""

@@ -110,6 +110,21 @@ class TwoStageLabels:
         """(N, K) TSC label ``r = u * K + c`` of each column (the descriptor loss's classes)."""
         return self.pose[:, None] * self.k + np.arange(self.k)[None, :]
 
+    def lookup(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For a batch of store ``rows``: ``(coords (B, K, 2) crop px, 0 where absent; present (B, K); pose (B,))``."""
+        rows = np.asarray(rows, dtype=np.int64).ravel()
+        order = np.argsort(self.rows, kind="stable")
+        at = np.minimum(np.searchsorted(self.rows[order], rows), max(len(self.rows) - 1, 0))
+        if len(rows) and (len(self.rows) == 0 or (self.rows[order][at] != rows).any()):
+            missing = rows[self.rows[order][at] != rows] if len(self.rows) else rows
+            raise ConfigError(
+                f"no TSC labels for store rows {missing[:5].tolist()}",
+                where="TwoStageLabels.lookup",
+                fix="label the same images the round trains on",
+            )
+        i = order[at]
+        return np.nan_to_num(self.coords[i], nan=0.0), self.present[i], self.pose[i]
+
     def by_identity(self) -> tuple[np.ndarray, np.ndarray]:
         """``(coords (N, K, 2), present (N, K))`` with column = global landmark id, for the evaluator."""
         n = len(self.rows)

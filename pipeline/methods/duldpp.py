@@ -1,0 +1,226 @@
+"""D-ULD++ training steps on one batch (paper 001, Sec 3.3.2 "Training objectives", Sec 4).
+
+Pure functions: a batch of cached feature maps (the D-ULD batch format, see
+``pipeline.methods.duld``), the heads, the pose VAE and the batch's TSC labels
+(:class:`pipeline.labelling.two_stage.TwoStageLabels`) in, a dict of loss
+tensors out. Round loops, re-clustering and persistence belong to the caller.
+
+Step 1 (:func:`proxy_task_step`, the pose-guided proxy task): the D-ULD
+self-training losses with the TSC labels (detector MSE to Gaussian heatmaps of
+the kept keypoints; descriptor contrastive loss whose classes are the Q x K
+labels ``r = u * K + c``) plus the ELBO of the VAE, which reads the detector's
+heatmap ``H`` and reconstructs the Gaussian map ``G`` of the same keypoints.
+Sec 4 trains this stage with the descriptor head ``Psi_f`` *frozen* at Adam lr
+5e-5 while Sec 3.3.2 lists the descriptor contrastive loss among its losses;
+both hold when the contrastive gradient reaches the shared aggregator but the
+descriptor head's own weights are not updated, which is what
+:func:`make_duldpp_optimizer` sets up (the descriptor head is left out of the
+optimiser). The ELBO's gradient flows into the detector through ``H``: that is
+how the proxy task constrains the landmark configuration.
+
+Step 2 (:func:`latent_step`): the decoder and the ELBO are dropped; the detector
+is trained as in step 1 (MSE), the descriptor head stays frozen and the encoder
+is trained with Eq. 3 (:func:`pipeline.heads.pose_losses.latent_contrastive_loss`)
+on the codes ``phi_j = Enc(Psi_d(Psi_b(x_j)))`` of the batch, labelled with their
+stage-1 pose cluster ``u_j``. Paper: Adam lr 5e-4.
+
+The D-ULD part reuses :func:`pipeline.methods.duld.self_training_step` (both
+views, the flip rule, the optional matching term): the Q x K label space is
+handed to it as Q * K pseudo-label columns, of which each image fills the K of
+its pose cluster, so its column index is the TSC label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.errors import ConfigError
+from pipeline.heads.descriptor import crop_to_normalised
+from pipeline.heads.model import HeadsOutput, ULDHeads
+from pipeline.heads.pose_losses import elbo_loss, latent_contrastive_loss
+from pipeline.heads.pose_vae import PoseVAE
+from pipeline.methods.duld import Batch, DULDConfig, self_training_step
+
+Step = Literal["proxy", "latent"]
+
+
+@dataclass(frozen=True)
+class DULDPPConfig:
+    """Hyper-parameters of the two D-ULD++ steps (paper values where the paper gives them).
+
+    ``duld``: the D-ULD settings the shared losses use (margin m = 0.8, heatmap
+    sigma, matching weight, views). ``q``: pose clusters Q. ``proxy_lr`` /
+    ``latent_lr``: Adam learning rates of steps 1 / 2 (paper 5e-5 / 5e-4).
+    ``elbo_weight``: the ELBO is a log-likelihood summed over the R x R cells,
+    the D-ULD losses are means over cells; 1e-3 (~1 / 32^2) puts it on the same
+    per-cell scale for the shared aggregator and detector (the VAE's own
+    balance of reconstruction and KL is not affected). ``beta``: KL weight
+    inside the ELBO (1 = the ELBO). ``latent_weight`` / ``latent_margin``:
+    weight and margin m of Eq. 3 (the paper's single margin, 0.8).
+    """
+
+    duld: DULDConfig = field(default_factory=DULDConfig)
+    q: int = 10
+    proxy_lr: float = 5e-5
+    latent_lr: float = 5e-4
+    elbo_weight: float = 1e-3
+    beta: float = 1.0
+    latent_weight: float = 1.0
+    latent_margin: float = 0.8
+
+    def __post_init__(self) -> None:
+        if int(self.q) < 1:
+            raise ConfigError(f"q must be >= 1, got {self.q}", where="DULDPPConfig.q")
+        for name in ("proxy_lr", "latent_lr", "latent_margin"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}", where=f"DULDPPConfig.{name}")
+        for name in ("elbo_weight", "beta", "latent_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}", where=f"DULDPPConfig.{name}")
+
+
+class _CropRecorder(nn.Module):
+    """The heads, remembering their output on one given feature dict (the crop's).
+
+    ``self_training_step`` runs the heads on the crop and on its view; keeping
+    the crop's output lets the VAE read that heatmap (with its graph) instead
+    of running the aggregator a third time. The crop is recognised by the
+    identity of its feature dict, not by call order.
+    """
+
+    def __init__(self, heads: ULDHeads, crop_features: Mapping[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.heads = heads
+        self.config = heads.config
+        self._crop = crop_features
+        self.crop_output: HeadsOutput | None = None
+
+    def forward(self, features: Mapping[str, torch.Tensor]) -> HeadsOutput:
+        out = self.heads(features)
+        if features is self._crop:
+            self.crop_output = out
+        return out
+
+
+def expand_tsc_labels(coords: torch.Tensor, present: torch.Tensor, pose: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image K columns -> Q * K columns with column ``u * K + c`` = TSC label ``r``.
+
+    ``coords`` (B, K, 2), ``present`` (B, K), ``pose`` (B,) stage-1 clusters in
+    ``[0, q)``. Returns ``(coords (B, Q*K, 2), present (B, Q*K))``; the columns
+    of other pose clusters are absent (coordinates 0).
+    """
+    B, K = present.shape
+    if coords.shape != (B, K, 2) or pose.shape != (B,):
+        raise ConfigError(f"coords {tuple(coords.shape)}, present {tuple(present.shape)}, pose {tuple(pose.shape)} do not fit", where="expand_tsc_labels")
+    pose = pose.long()
+    if B and (int(pose.min()) < 0 or int(pose.max()) >= q):
+        raise ConfigError(f"pose labels must lie in [0, {q})", where="expand_tsc_labels", fix="use the q the labeller was fitted with")
+    cols = pose[:, None] * K + torch.arange(K)[None, :]  # (B, K)
+    full_c = torch.zeros(B, q * K, 2, dtype=coords.dtype)
+    full_p = torch.zeros(B, q * K, dtype=torch.bool)
+    full_c.scatter_(1, cols[..., None].expand(B, K, 2), coords)
+    full_p.scatter_(1, cols, present.bool())
+    return full_c, full_p
+
+
+def _duld_part(
+    model: ULDHeads, batch: Batch, coords: torch.Tensor, present: torch.Tensor, pose: torch.Tensor, q: int, duld: DULDConfig, generator: torch.Generator
+) -> tuple[dict[str, torch.Tensor], HeadsOutput]:
+    full_c, full_p = expand_tsc_labels(coords, present, pose, q)
+    recorder = _CropRecorder(model, batch["features"])
+    losses = self_training_step(recorder, batch, full_c, full_p, duld, generator)
+    if recorder.crop_output is None:  # pragma: no cover - guards a change of self_training_step
+        raise ConfigError("the D-ULD step did not run the heads on the crop's features", where="pipeline.methods.duldpp")
+    return losses, recorder.crop_output
+
+
+def proxy_task_step(
+    model: ULDHeads,
+    vae: PoseVAE,
+    batch: Batch,
+    coords: torch.Tensor,
+    present: torch.Tensor,
+    pose: torch.Tensor,
+    config: DULDPPConfig,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Step 1 losses: D-ULD's (TSC labels) + ``elbo_weight`` * ELBO of the VAE on the crop's heatmap.
+
+    ``coords`` (B, K, 2) crop px / ``present`` (B, K) / ``pose`` (B,): the batch's
+    TSC labels (:meth:`TwoStageLabels.lookup`). The VAE samples its code with
+    ``generator``.
+    """
+    losses, crop = _duld_part(model, batch, coords, present, pose, config.q, config.duld, generator)
+    heat = torch.sigmoid(crop.logits)
+    target = vae.target(crop_to_normalised(coords, model.config.crop_size), present)
+    out = vae(heat, sample=True, generator=generator)
+    elbo = elbo_loss(out.logits, target, out.mu, out.logvar, config.beta)
+    loss = losses["loss"] + config.elbo_weight * elbo.loss
+    return {**losses, "loss": loss, "elbo": elbo.loss, "reconstruction": elbo.reconstruction, "kl": elbo.kl}
+
+
+def latent_step(
+    model: ULDHeads,
+    vae: PoseVAE,
+    batch: Batch,
+    coords: torch.Tensor,
+    present: torch.Tensor,
+    pose: torch.Tensor,
+    config: DULDPPConfig,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Step 2 losses: detector MSE as in step 1 + ``latent_weight`` * Eq. 3 on the encoder's codes.
+
+    No descriptor loss (the descriptor head is frozen and its contrastive term
+    is not part of this step) and no matching term; the codes are the
+    posterior means (deterministic: Eq. 3 compares codes, a sampled one would
+    add the posterior's noise to every distance).
+    """
+    duld = replace(config.duld, match_weight=0.0)
+    losses, crop = _duld_part(model, batch, coords, present, pose, config.q, duld, generator)
+    mu, _ = vae.encode(torch.sigmoid(crop.logits))
+    l_lat = latent_contrastive_loss(mu, pose.long(), config.latent_margin)
+    loss = duld.detector_weight * losses["detector"] + config.latent_weight * l_lat
+    return {"loss": loss, "detector": losses["detector"], "latent": l_lat}
+
+
+def duldpp_parameters(model: ULDHeads, vae: PoseVAE, step: Step) -> list[nn.Parameter]:
+    """What each step trains: aggregator + detector, never the descriptor head; VAE whole (step 1) or encoder only (step 2)."""
+    heads = [*model.aggregator.parameters(), *model.detector.parameters()]
+    if step == "proxy":
+        return heads + list(vae.parameters())
+    if step == "latent":
+        return heads + vae.encoder_parameters()
+    raise ConfigError(f"unknown D-ULD++ step {step!r}", where="duldpp_parameters", fix="use 'proxy' or 'latent'")
+
+
+def make_duldpp_optimizer(model: ULDHeads, vae: PoseVAE, step: Step, config: DULDPPConfig) -> torch.optim.Optimizer:
+    """Adam (betas 0.9, 0.999) over :func:`duldpp_parameters` at the step's learning rate (Sec 4)."""
+    lr = config.proxy_lr if step == "proxy" else config.latent_lr
+    return torch.optim.Adam(duldpp_parameters(model, vae, step), lr=lr, betas=(0.9, 0.999))
+
+
+@torch.no_grad()
+def pose_codes(model: ULDHeads, vae: PoseVAE, batches: Iterable[Batch]) -> tuple[np.ndarray, np.ndarray]:
+    """Pose codes of every image for TSC's stage 1: ``(rows (N,), codes (N, latent))``.
+
+    The posterior mean of the detector's heatmap per image (Sec 3.3.1:
+    "the latent codes obtained after training ... a k-Means clustering of the
+    latent codes"); both modules are put in eval mode.
+    """
+    model.eval()
+    vae.eval()
+    rows, codes = [], []
+    for batch in batches:
+        heat = torch.sigmoid(model(batch["features"]).logits)
+        rows.append(batch["index"].numpy())
+        codes.append(vae.codes(heat).numpy())
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros((0, vae.config.latent), np.float32)
+    return np.concatenate(rows).astype(np.int64), np.concatenate(codes).astype(np.float32)
