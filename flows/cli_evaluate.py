@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from flows.cli_options import CropMargin, Layers, ReduceChannels, Size, Timesteps, feature_spec
+from flows.cli_options import Box, CropMargin, Layers, NRegressorImages, Protocol, ReduceChannels, Repeats, Size, Timesteps, eval_options, feature_spec
 
 from pipeline.errors import ConfigError
 
@@ -20,11 +20,13 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         run: str = typer.Option(..., "--run", "-r", help="Run id (a folder under <home>/runs/)."),
         dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset whose ground truth to use; default: the one in the run's config.json."),
-        n_regressor_images: int = typer.Option(300, "--n-regressor-images", help="Training images per regressor fit, drawn at random (0 = all)."),
-        repeats: int = typer.Option(5, "--repeats", help="Regressor fits on different random subsets; errors are averaged."),
+        protocol: Protocol = "paper",
+        box: Box = "landmarks",
+        n_regressor_images: NRegressorImages = None,
+        repeats: Repeats = None,
         missing: str = typer.Option("impute", "--missing", help="Missing discovered landmarks: 'impute' (training mean position, counted) or 'drop' (leave the image out, counted)."),
-        forward_lambda: float = typer.Option(1e-3, "--forward-lambda", help="Ridge lambda of the forward regressor, relative to max(X^T X)."),
-        backward_lambda: float = typer.Option(0.1, "--backward-lambda", help="Ridge lambda of the backward regressor, relative to max(X^T X)."),
+        forward_lambda: Optional[float] = typer.Option(None, "--forward-lambda", help="Ridge lambda of the forward regressor, relative to max(X^T X); default: the protocol's."),
+        backward_lambda: Optional[float] = typer.Option(None, "--backward-lambda", help="Ridge lambda of the backward regressor, relative to max(X^T X); default: the protocol's."),
         stage: Optional[str] = typer.Option(None, "--stage", help="Only this stage (default: every stage in the run)."),
         round_: Optional[int] = typer.Option(None, "--round", help="Only this round (default: every round)."),
     ) -> None:
@@ -41,9 +43,12 @@ def register(app: typer.Typer) -> None:
 
         if missing not in ("impute", "drop"):
             raise ConfigError(f"unknown --missing value {missing!r}", where="--missing", fix="use impute or drop")
+        from pipeline.evaluation.protocols import get_protocol
+
+        get_protocol(protocol).with_overrides(n_regressor_images, repeats, forward_lambda, backward_lambda)  # bad options fail first
         s = settings(ctx)
         evaluate(
-            run, home=s.home, dataset=dataset, n_regressor_images=n_regressor_images or None, repeats=repeats, seed=s.seed,
+            run, home=s.home, dataset=dataset, **eval_options(protocol, box, n_regressor_images, repeats), seed=s.seed,
             forward_lambda=forward_lambda, backward_lambda=backward_lambda, missing=missing, stage=stage, round_=round_,
         )
         print_metrics(s.home, run)
@@ -62,8 +67,10 @@ def register(app: typer.Typer) -> None:
         size: Size = 64,
         crop_margin: CropMargin = 0.15,
         reduce_channels: ReduceChannels = None,
-        n_regressor_images: int = typer.Option(300, "--n-regressor-images", help="Training images per regressor fit (0 = all)."),
-        repeats: int = typer.Option(5, "--repeats", help="Regressor fits on different random subsets, averaged."),
+        protocol: Protocol = "paper",
+        box: Box = "landmarks",
+        n_regressor_images: NRegressorImages = None,
+        repeats: Repeats = None,
     ) -> None:
         """Evaluate a box-only reference (no image content) through the same protocol and crops as the methods.
 
@@ -82,6 +89,6 @@ def register(app: typer.Typer) -> None:
         spec = feature_spec(size, timesteps, layers, crop_margin, reduce_channels, s.seed, backbone=backbone, home=s.home)
         rid = reference_baseline(
             dataset, name, backbone, spec, k, home=s.home, seed=s.seed, run_id=run_id, store_path=store,
-            eval_cfg={"n_regressor_images": n_regressor_images or None, "repeats": repeats}, device=resolve_device(s.device),
+            eval_cfg=eval_options(protocol, box, n_regressor_images, repeats), device=resolve_device(s.device),
         )
         print_metrics(s.home, rid)

@@ -23,6 +23,23 @@ Size = Annotated[int, typer.Option("--size", help=f"Crop size in pixels fed to t
 CropMargin = Annotated[float, typer.Option("--crop-margin", help=f"Margin around the object box, as a fraction of its size {_SAME}.")]
 ReduceChannels = Annotated[Optional[int], typer.Option("--reduce-channels", help=f"Project each layer to this many channels (fixed seeded random projection) {_SAME}.")]
 
+# Evaluation options shared by `uld evaluate` and every method command that evaluates
+# (zeroshot, duld, evaluate-baseline): pipeline.evaluation.protocols defines the values.
+Protocol = Annotated[str, typer.Option("--protocol", help="Regressor protocol: paper (ridge, lambda 0.001/0.1 x max(XtX) fwd/bwd, 300 images, 5 repeats; 001 Table 1) | mallis (ridge, lambda 0.1 both, 10 repeats, all images forward on 5-point sets) | lstsq (least squares without intercept, all images). Recorded in every metrics row.")]
+Box = Annotated[str, typer.Option("--box", help="Normalising box of box-normalised datasets (synthetic, LS3D): landmarks (the dataset's box rule) | image (the whole image, as StableKeypoints / Jakab / AutoLink). Recorded in every metrics row.")]
+NRegressorImages = Annotated[Optional[int], typer.Option("--n-regressor-images", help="Training images per regressor fit, drawn at random (0 = all); default: the protocol's.")]
+Repeats = Annotated[Optional[int], typer.Option("--repeats", help="Regressor fits on different random subsets, averaged; default: the protocol's.")]
+
+
+def eval_options(protocol: str, box: str, n_regressor_images: Optional[int] = None, repeats: Optional[int] = None) -> dict:
+    """The evaluation settings the options describe, validated (unknown names are a ConfigError now,
+    not after the method has run); None values are left out so the protocol's own apply."""
+    from pipeline.evaluation.protocols import check_box, get_protocol
+
+    get_protocol(protocol).with_overrides(n_regressor_images, repeats)
+    cfg = {"protocol": protocol, "box": check_box(box), "n_regressor_images": n_regressor_images, "repeats": repeats}
+    return {k: v for k, v in cfg.items() if v is not None}
+
 
 def int_list(text: str, option: str) -> tuple[int, ...]:
     """Parse "50,150" into (50, 150); a clear error naming the option otherwise."""

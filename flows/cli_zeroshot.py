@@ -8,21 +8,13 @@ from typing import Optional
 
 import typer
 
-from flows.cli_options import CropMargin, Layers, ReduceChannels, Size, Timesteps, feature_spec
-
-HEADLINE = ("nme_forward", "nme_backward", "n_imputed_test", "n_regressor_images", "acc0.2_hungarian", "silhouette", "calinski_harabasz")
-
+from flows.cli_options import Box, CropMargin, Layers, NRegressorImages, Protocol, ReduceChannels, Repeats, Size, Timesteps, eval_options, feature_spec
 
 def print_metrics(home: Path, run_id: str, extra: tuple[str, ...] = ()) -> None:
-    """Print the run's headline metrics, one row per (method, stage, round)."""
-    from flows.results import metrics_table
+    """Print the run's summary (the columns every method prints: flows.summary)."""
+    from flows.summary import print_summary
 
-    m = metrics_table(home, run_id)
-    wanted = [c for c in HEADLINE + extra if c in set(m["metric"])]
-    table = m[m["metric"].isin(wanted)].pivot_table(index=["method", "stage", "round", "k"], columns="metric", values="value", aggfunc="first")
-    table = table[[c for c in wanted if c in table.columns]]
-    typer.echo(table.to_string(float_format=lambda v: f"{v:.4g}"))
-    typer.echo(f"\nrun: {run_id}  (all metrics: {home / 'runs' / run_id / 'metrics.parquet'})")
+    print_summary(home, run_id, extra)
 
 
 def register(app: typer.Typer) -> None:
@@ -49,8 +41,10 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(16, "--batch-size", help="Images read from the store at a time (bounds memory)."),
         n_init: int = typer.Option(3, "--n-init", help="k-means restarts (lowest inertia kept)."),
         max_iter: int = typer.Option(50, "--max-iter", help="k-means iterations per restart."),
-        n_regressor_images: int = typer.Option(300, "--n-regressor-images", help="Training images per regressor fit (0 = all)."),
-        repeats: int = typer.Option(5, "--repeats", help="Regressor fits on different random subsets, averaged."),
+        protocol: Protocol = "paper",
+        box: Box = "landmarks",
+        n_regressor_images: NRegressorImages = None,
+        repeats: Repeats = None,
         evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Compute forward/backward NME after predicting."),
         force: bool = typer.Option(False, "--force", help="Redo every step of an existing run, overwriting its files."),
         roi: str = typer.Option("box", "--roi", help="Pixels sampled and labelled: `box` = inside the object box (the paper's RoI); `foreground` = also drop what an unsupervised two-cluster split of each crop's features calls background (bench/results/foreground.md)."),
@@ -66,6 +60,7 @@ def register(app: typer.Typer) -> None:
         from flows.zeroshot import zeroshot
 
         s = settings(ctx)
+        eval_cfg = eval_options(protocol, box, n_regressor_images, repeats)
         if resume:
             from pipeline.errors import ConfigError
             from storage.layout import Workspace
@@ -84,7 +79,7 @@ def register(app: typer.Typer) -> None:
             dataset, backbone, spec, k, samples_per_image, home=s.home, seed=s.seed, run_id=run_id,
             store_path=store, n_test_samples=test_samples, proj_dim=proj_dim, max_train_images=max_train_images,
             batch_size=batch_size, n_init=n_init, max_iter=max_iter, evaluate=evaluate,
-            eval_cfg={"n_regressor_images": n_regressor_images, "repeats": repeats}, device=resolve_device(s.device), force=force, roi=roi,
+            eval_cfg=eval_cfg, device=resolve_device(s.device), force=force, roi=roi,
         )
         print_metrics(s.home, rid)
         typer.echo(f"time: {time.perf_counter() - t0:.1f} s")

@@ -26,11 +26,13 @@ def evaluate(
     home: str | Path = "workspace",
     dataset: str | None = None,
     *,
-    n_regressor_images: int | None = 300,
-    repeats: int = 5,
+    protocol: str = "paper",
+    box: str = "landmarks",
+    n_regressor_images: int | None = None,
+    repeats: int | None = None,
     seed: int = 0,
-    forward_lambda: float = 1e-3,
-    backward_lambda: float = 0.1,
+    forward_lambda: float | None = None,
+    backward_lambda: float | None = None,
     missing: str = "impute",
     stage: str | None = None,
     round_: int | None = None,
@@ -38,7 +40,9 @@ def evaluate(
     """Evaluate the keypoints of run ``run_id``; the dataset comes from the run's config.json unless given.
 
     Every (method, stage, round) found in keypoints.parquet is evaluated
-    (optionally only ``stage`` / ``round_``). Returns the run's metrics table.
+    (optionally only ``stage`` / ``round_``) under the regressor ``protocol`` and
+    ``box`` rule (see ``flows.results.evaluate_keypoints``; None settings are the
+    protocol's). Returns the run's metrics table.
     """
     home = Path(home)
     dataset = dataset or read_run_config(home, run_id).get("dataset")
@@ -53,7 +57,7 @@ def evaluate(
         groups = groups[groups["stage"] == stage]
     if round_ is not None:
         groups = groups[groups["round"] == int(round_)]
-    kwargs = dict(n_regressor_images=n_regressor_images, repeats=repeats, seed=seed,
+    kwargs = dict(protocol=protocol, box=box, n_regressor_images=n_regressor_images, repeats=repeats, seed=seed,
                   forward_lambda=forward_lambda, backward_lambda=backward_lambda, missing=missing)
     for m, s, r in groups.itertuples(index=False):
         _evaluate_one(home, run_id, dataset, m, s, int(r), kwargs)

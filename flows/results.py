@@ -35,8 +35,9 @@ from storage.tables import append_table, read_table
 CROP_COLUMNS = ("crop_x0", "crop_y0", "crop_x1", "crop_y1")
 CED_MAX_ERROR = 10.0  # % of the normaliser: the usual CED x-range for faces
 _RUN_KEYS = ["run_id", "method", "stage", "round"]
-METRIC_KEYS = _RUN_KEYS + ["dataset", "split", "metric", "repeat", "n_regressor_images"]
-ERROR_KEYS = _RUN_KEYS + ["dataset", "split", "direction"]
+# protocol / box are keys: one run can hold its scores under several protocols side by side.
+METRIC_KEYS = _RUN_KEYS + ["dataset", "split", "metric", "repeat", "n_regressor_images", "protocol", "box"]
+ERROR_KEYS = _RUN_KEYS + ["dataset", "split", "direction", "protocol", "box"]
 
 
 # ------------------------------------------------------------ runs
@@ -154,7 +155,7 @@ def write_metrics(home: str | Path, run_id: str, rows: list[dict[str, Any]]) -> 
 
 
 # ------------------------------------------------------------ evaluation
-def _eval_split(home: Path, dataset: str, split: str, kp: pd.DataFrame) -> tuple[EvalData, np.ndarray, list[str], int]:
+def _eval_split(home: Path, dataset: str, split: str, kp: pd.DataFrame, box: str = "landmarks") -> tuple[EvalData, np.ndarray, list[str], int]:
     from flows.datasets import load_manifest
 
     manifest = load_manifest(home, dataset, split)
@@ -168,7 +169,7 @@ def _eval_split(home: Path, dataset: str, split: str, kp: pd.DataFrame) -> tuple
         )
     rows = pos.loc[ids].to_numpy()
     data = EvalData.from_pixels(
-        coords, present, manifest.landmarks()[rows], manifest.normalisers()[rows], boxes,
+        coords, present, manifest.landmarks()[rows], manifest.normalisers(box)[rows], boxes,
         yaw=manifest.frame["yaw"].to_numpy(np.float64)[rows], image_ids=ids,
     )
     return data, keypoint_fallback(kp), list(manifest.meta.landmark_names), len(manifest) - len(ids)
@@ -182,11 +183,13 @@ def evaluate_keypoints(
     stage: str,
     round_: int,
     *,
-    n_regressor_images: int | None = 300,
-    repeats: int = 5,
+    protocol: str = "paper",
+    box: str = "landmarks",
+    n_regressor_images: int | None = None,
+    repeats: int | None = None,
     seed: int = 0,
-    forward_lambda: float = 1e-3,
-    backward_lambda: float = 0.1,
+    forward_lambda: float | None = None,
+    backward_lambda: float | None = None,
     missing: MissingRule = "impute",
     hungarian_threshold: float = 0.2,
     train_split: str = "train",
@@ -203,7 +206,17 @@ def evaluate_keypoints(
     ``acc<t>_hungarian_nofallback`` score them with every ``fallback`` landmark
     treated as missing (``missing`` rule), and ``fallback_fraction`` is the share
     of test landmarks that are fallbacks (all equal for methods without any).
+
+    ``protocol`` names the regressor protocol (``pipeline.evaluation.protocols``:
+    paper / mallis / lstsq; the size, repeat and lambda arguments override it
+    when not None, 0 images = all) and ``box`` the normalising box rule
+    (landmarks / image, see ``Manifest.normalisers``); both are recorded in every
+    row, so scores under several protocols live side by side.
     """
+    from pipeline.evaluation.protocols import check_box, get_protocol
+
+    proto = get_protocol(protocol)
+    box = check_box(box)
     home = Path(home)
     ws = Workspace(home)
     kp = read_keypoints(home, run_id)
@@ -217,14 +230,14 @@ def evaluate_keypoints(
                 where=str(ws.run_file(run_id, "keypoints.parquet")),
                 fix="the regressors need keypoints on training images and the test images: re-run the method on both splits",
             )
-        parts[split] = _eval_split(home, dataset, split, sub)
+        parts[split] = _eval_split(home, dataset, split, sub, box)
     (train, train_fb, names, _), (test, test_fb, _, n_unpredicted) = parts[train_split], parts[test_split]
     if train.gt.shape[1] == 0:
         # A dataset without labels (the `folder` loader, `uld discover`): nothing to score against.
         # The methods' label-free measures (presence, fallbacks, cluster quality) are their own rows.
-        return pd.DataFrame(columns=["run_id", "method", "stage", "round", "dataset", "split", "metric", "value", "k", "n_regressor_images", "repeat"])
+        return pd.DataFrame(columns=["run_id", "method", "stage", "round", "dataset", "split", "metric", "value", "k", "n_regressor_images", "repeat", "protocol", "box"])
     nme_args = dict(
-        n_regressor_images=n_regressor_images, repeats=repeats, seed=seed,
+        protocol=proto, n_regressor_images=n_regressor_images, repeats=repeats, seed=seed,
         forward_lambda=forward_lambda, backward_lambda=backward_lambda, missing=missing,
     )
     rep = evaluate_nme(train, test, **nme_args)
@@ -237,16 +250,18 @@ def evaluate_keypoints(
         rep_nf = None
     K = train.disc.shape[1]
     n_fit = rep.counts["n_regressor_images"]
-    base = {"run_id": run_id, "method": method, "stage": stage, "round": int(round_), "dataset": dataset, "split": test_split, "k": K, "n_regressor_images": n_fit}
+    base = {"run_id": run_id, "method": method, "stage": stage, "round": int(round_), "dataset": dataset, "split": test_split, "k": K,
+            "n_regressor_images": n_fit, "protocol": proto.name, "box": box}
     rows: list[dict[str, Any]] = []
 
     def add(metric: str, value: float, repeat: int = -1, **over: Any) -> None:
         rows.append({**base, **over, "metric": metric, "value": float(value), "repeat": int(repeat)})
 
     for res in (rep.forward, rep.backward):
-        add(f"nme_{res.direction}", res.mean)
+        # Each direction's rows carry its own regressor size (they differ under `mallis`).
+        add(f"nme_{res.direction}", res.mean, n_regressor_images=res.n_regressor_images)
         for r, v in enumerate(res.per_repeat):
-            add(f"nme_{res.direction}", v, r)
+            add(f"nme_{res.direction}", v, r, n_regressor_images=res.n_regressor_images)
         add(f"ced_auc{CED_MAX_ERROR:g}_{res.direction}", ced_curve(res.per_image, CED_MAX_ERROR)[2])
         if np.isfinite(test.yaw).any():
             for label, value, count in nme_by_yaw(res.per_image, test.yaw):
@@ -272,7 +287,7 @@ def evaluate_keypoints(
 
     err = pd.concat(
         [
-            pd.DataFrame({**{k: base[k] for k in _RUN_KEYS + ["dataset", "split"]}, "direction": res.direction,
+            pd.DataFrame({**{k: base[k] for k in _RUN_KEYS + ["dataset", "split", "protocol", "box"]}, "direction": res.direction,
                           "image_id": test.image_ids, "nme": res.per_image, "yaw": test.yaw.astype(np.float32)})
             for res in (rep.forward, rep.backward)
         ],
@@ -284,15 +299,21 @@ def evaluate_keypoints(
 
         plot_ced(
             {"forward": rep.forward.per_image, "backward": rep.backward.per_image},
-            ws.figures_dir(run_id) / f"ced_{method}_{stage}_{int(round_):03d}.png",
+            ws.figures_dir(run_id) / f"ced_{method}_{stage}_{int(round_):03d}{protocol_suffix(proto.name, box)}.png",
             max_error=CED_MAX_ERROR,
-            title=f"{method} {stage} r{round_} on {dataset} (K={K})",
+            title=f"{method} {stage} r{round_} on {dataset} (K={K}){'' if not protocol_suffix(proto.name, box) else f', {proto.name}/{box}'}",
         )
     return pd.DataFrame(rows)
 
 
+def protocol_suffix(protocol: str, box: str) -> str:
+    """File-name suffix of a non-default (protocol, box): '' for paper / landmarks, so older names stay."""
+    return "" if (protocol, box) == ("paper", "landmarks") else f"_{protocol}_{box}"
+
+
 def metrics_table(home: str | Path, run_id: str) -> pd.DataFrame:
-    """The run's metrics (mean rows only), one line per (method, stage, round, metric): for printing."""
+    """The run's metrics (mean rows only), one line per (method, stage, round, protocol, box, metric): for printing."""
     m = read_table(Workspace(Path(home)).run_file(run_id, "metrics.parquet"), "metrics")
     m = m[m["repeat"] == -1]
-    return m[["method", "stage", "round", "dataset", "split", "k", "n_regressor_images", "metric", "value"]].reset_index(drop=True)
+    cols = ["method", "stage", "round", "dataset", "split", "k", "n_regressor_images", "protocol", "box", "metric", "value"]
+    return m[cols].reset_index(drop=True)

@@ -111,9 +111,23 @@ class Manifest:
             )
         return Manifest(sub, self.meta)
 
-    def normalisers(self) -> np.ndarray:
-        """(N,) per-image normalising distance, following ``meta.normalisation``."""
+    def normalisers(self, box: str = "landmarks") -> np.ndarray:
+        """(N,) per-image normalising distance, following ``meta.normalisation``.
+
+        ``box`` is the evaluation protocol's box rule for the box-normalised
+        datasets (``landmark_box`` / ``bbox``; see ``pipeline.evaluation.protocols``):
+        ``"landmarks"`` keeps the dataset's box (the ground-truth landmark box, or the
+        manifest's object box), ``"image"`` takes sqrt(w*h) of the whole image, as the
+        StableKeypoints / Jakab / AutoLink code do. Inter-ocular distances do not use a box.
+        """
+        from pipeline.evaluation.protocols import check_box
+
+        box = check_box(box)
         lm = self.landmarks()
+        if box == "image" and self.meta.normalisation in ("landmark_box", "bbox"):
+            w = self.frame["width"].to_numpy(np.float64)
+            h = self.frame["height"].to_numpy(np.float64)
+            return np.sqrt(w * h)
         if self.meta.normalisation == "interocular":
             i, j = self.meta.norm_points or (0, 1)
             d = np.linalg.norm(lm[:, i] - lm[:, j], axis=-1)

@@ -15,8 +15,14 @@ from pipeline.evaluation.nme import (
     to_unit_crop,
     yaw_bin_labels,
 )
+from pipeline.evaluation.protocols import BOX_RULES, PROTOCOLS, EvaluationProtocol, LeastSquares, get_protocol
 
 __all__ = [
+    "BOX_RULES",
+    "PROTOCOLS",
+    "EvaluationProtocol",
+    "LeastSquares",
+    "get_protocol",
     "YAW_EDGES",
     "EvalData",
     "HungarianResult",

@@ -8,7 +8,8 @@ so an error ratio is the same whichever units it is computed in, while the
 regressor sees every face at the same scale (which is what makes a single
 linear map across images meaningful).
 
-Protocol (defaults follow Mallis et al. as used in 001, Table 1):
+Protocol ``paper``, the default (001, Table 1; the other named protocols,
+``mallis`` and ``lstsq``, are in :mod:`pipeline.evaluation.protocols`):
 
 - ridge regression in closed form on centred data (the means are the bias):
   ``W = Yc^T Xc (Xc^T Xc + lambda I)^-1`` with ``lambda = rel * max(Xc^T Xc)``,
@@ -39,6 +40,11 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from pipeline.errors import ConfigError
+
+# The regressors and the named protocols live in pipeline.evaluation.protocols; Ridge is
+# re-exported here because callers import it from this module.
+from pipeline.evaluation.protocols import DirectionFit, EvaluationProtocol, Ridge, get_protocol
+
 
 MissingRule = Literal["impute", "drop"]
 # LS3D analysis: 5 equal bins over [-90, 90] degrees of yaw.
@@ -135,34 +141,6 @@ def normaliser_to_unit(normalisers: np.ndarray, crop_boxes: np.ndarray) -> np.nd
     return np.asarray(normalisers, dtype=np.float64) / side
 
 
-# ---------------------------------------------------------------- ridge
-@dataclass
-class Ridge:
-    """Closed-form ridge regression with bias, lambda relative to max(Xc^T Xc)."""
-
-    rel_lambda: float
-
-    def fit(self, X: np.ndarray, Y: np.ndarray) -> "Ridge":
-        X = np.asarray(X, dtype=np.float64)
-        Y = np.asarray(Y, dtype=np.float64)
-        self.x_mean_ = X.mean(0)
-        self.y_mean_ = Y.mean(0)
-        Xc, Yc = X - self.x_mean_, Y - self.y_mean_
-        xtx = Xc.T @ Xc
-        scale = float(np.abs(xtx).max()) if xtx.size else 0.0
-        self.lambda_ = self.rel_lambda * scale if scale > 0 else max(self.rel_lambda, 1e-12)
-        A = xtx + self.lambda_ * np.eye(X.shape[1])
-        # W^T = A^-1 Xc^T Yc  (A is symmetric), i.e. W = Yc^T Xc A^-1.
-        try:
-            self.coef_ = np.linalg.solve(A, Xc.T @ Yc).T
-        except np.linalg.LinAlgError:
-            self.coef_ = (np.linalg.pinv(A) @ (Xc.T @ Yc)).T
-        return self
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return (np.asarray(X, dtype=np.float64) - self.x_mean_) @ self.coef_.T + self.y_mean_
-
-
 # ---------------------------------------------------------------- results
 @dataclass
 class NMEResult:
@@ -175,7 +153,8 @@ class NMEResult:
     n_regressor_images: int  # training images per repeat
     n_train_eligible: int
     n_test: int
-    rel_lambda: float
+    rel_lambda: float  # NaN for plain least squares
+    n_repeats: int = 1
 
 
 @dataclass
@@ -184,6 +163,7 @@ class NMEReport:
     backward: NMEResult
     counts: dict[str, int] = field(default_factory=dict)
     missing: str = "impute"
+    protocol: str = "paper"
 
 
 def _impute(disc: np.ndarray, present: np.ndarray, means: np.ndarray) -> tuple[np.ndarray, int]:
@@ -215,18 +195,25 @@ def evaluate_nme(
     train: EvalData,
     test: EvalData,
     *,
-    n_regressor_images: int | None = 300,
-    repeats: int = 5,
+    protocol: str | EvaluationProtocol | None = None,
+    n_regressor_images: int | None = None,
+    repeats: int | None = None,
     seed: int = 0,
-    forward_lambda: float = 1e-3,
-    backward_lambda: float = 0.1,
+    forward_lambda: float | None = None,
+    backward_lambda: float | None = None,
     missing: MissingRule = "impute",
 ) -> NMEReport:
-    """Forward and backward NME (see module docstring). ``n_regressor_images=None`` uses every eligible image."""
+    """Forward and backward NME under ``protocol`` (see the module docstring and
+    :mod:`pipeline.evaluation.protocols`; default ``paper``).
+
+    The other settings override the protocol's when given (None keeps it);
+    ``n_regressor_images=0`` fits on every eligible training image. Both
+    directions of repeat ``r`` draw their subset from the same seeded generator,
+    so with equal sizes they are fitted on the same images.
+    """
     if missing not in ("impute", "drop"):
         raise ConfigError(f"unknown missing-landmark rule {missing!r}", where="--missing", fix="use 'impute' or 'drop'")
-    if repeats < 1:
-        raise ConfigError("repeats must be >= 1", where="--repeats")
+    proto = get_protocol(protocol).with_overrides(n_regressor_images, repeats, forward_lambda, backward_lambda)
     if train.disc.shape[1] != test.disc.shape[1] or train.gt.shape[1] != test.gt.shape[1]:
         raise ConfigError("train and test have different numbers of landmarks", where="evaluate_nme")
     K, L = train.disc.shape[1], train.gt.shape[1]
@@ -257,55 +244,52 @@ def evaluate_nme(
             where="evaluate_nme",
             fix="use more training images, or missing='impute' if many landmarks are missing",
         )
-    n_fit = len(eligible) if not n_regressor_images or n_regressor_images <= 0 else min(int(n_regressor_images), len(eligible))
-    counts["n_regressor_images"] = n_fit
-    # Repeats differ only in the random regressor subset: with the whole pool there is
-    # one subset, so one fit (no fake "independent" repeats).
-    repeats = 1 if n_fit == len(eligible) else int(repeats)
-    counts["n_repeats"] = repeats
-
     fwd_test = te_ok & te_norm_ok & test.gt_exists.any(1)
     bwd_test = te_ok & te_norm_ok & test.gt_exists.all(1) & test.present.any(1)
-    fwd_img = np.full((repeats, test.n), np.nan)
-    bwd_img = np.full((repeats, test.n), np.nan)
-    for r in range(repeats):
-        rng = np.random.default_rng([seed, r])
-        sub = np.sort(rng.choice(eligible, size=n_fit, replace=False))
-        Xd = tr_disc[sub].reshape(n_fit, 2 * K)
-        Yg = train.gt[sub].reshape(n_fit, 2 * L)
-        fwd = Ridge(forward_lambda).fit(Xd, Yg)
-        if fwd_test.any():
-            pred = fwd.predict(te_disc[fwd_test].reshape(-1, 2 * K)).reshape(-1, L, 2)
-            gt = test.gt[fwd_test]
-            fwd_img[r, fwd_test] = _per_image_error(pred, np.nan_to_num(gt), test.gt_exists[fwd_test], test.norm[fwd_test])
-        bwd = Ridge(backward_lambda).fit(Yg, Xd)
-        if bwd_test.any():
-            pred = bwd.predict(test.gt[bwd_test].reshape(-1, 2 * L)).reshape(-1, K, 2)
-            tgt = np.nan_to_num(test.disc[bwd_test])
-            bwd_img[r, bwd_test] = _per_image_error(pred, tgt, test.present[bwd_test], test.norm[bwd_test])
+    Xd_all = tr_disc.reshape(train.n, 2 * K)
+    Yg_all = np.nan_to_num(train.gt).reshape(train.n, 2 * L)
 
-    def result(direction: str, img: np.ndarray, lam: float, mask: np.ndarray) -> NMEResult:
+    def run(direction: str, fit: DirectionFit, mask: np.ndarray) -> NMEResult:
+        n_fit = len(eligible) if not fit.n_images or fit.n_images <= 0 else min(int(fit.n_images), len(eligible))
+        # Repeats differ only in the random regressor subset: with the whole pool there is
+        # one subset, so one fit (no fake "independent" repeats).
+        reps = 1 if n_fit == len(eligible) else int(fit.repeats)
+        img = np.full((reps, test.n), np.nan)
+        for r in range(reps):
+            rng = np.random.default_rng([seed, r])
+            sub = np.sort(rng.choice(eligible, size=n_fit, replace=False))
+            if not mask.any():
+                continue
+            if direction == "forward":
+                reg = fit.regressor().fit(Xd_all[sub], Yg_all[sub])
+                pred = reg.predict(te_disc[mask].reshape(-1, 2 * K)).reshape(-1, L, 2)
+                img[r, mask] = _per_image_error(pred, np.nan_to_num(test.gt[mask]), test.gt_exists[mask], test.norm[mask])
+            else:
+                reg = fit.regressor().fit(Yg_all[sub], Xd_all[sub])
+                pred = reg.predict(test.gt[mask].reshape(-1, 2 * L)).reshape(-1, K, 2)
+                img[r, mask] = _per_image_error(pred, np.nan_to_num(test.disc[mask]), test.present[mask], test.norm[mask])
         per_repeat = np.array([np.nanmean(row) if np.isfinite(row).any() else np.nan for row in img])
-        per_image = np.where(mask, img.mean(0), np.nan)
         return NMEResult(
             direction=direction,
             mean=float(np.nanmean(per_repeat)) if np.isfinite(per_repeat).any() else float("nan"),
             per_repeat=per_repeat,
-            per_image=per_image,
+            per_image=np.where(mask, img.mean(0), np.nan),
             n_regressor_images=n_fit,
             n_train_eligible=int(len(eligible)),
             n_test=int(mask.sum()),
-            rel_lambda=lam,
+            rel_lambda=float("nan") if fit.rel_lambda is None else float(fit.rel_lambda),
+            n_repeats=reps,
         )
 
+    fwd = run("forward", proto.fit_for("forward", L), fwd_test)
+    bwd = run("backward", proto.fit_for("backward", L), bwd_test)
+    counts["n_regressor_images"] = fwd.n_regressor_images
+    counts["n_repeats"] = fwd.n_repeats
+    counts["n_regressor_images_backward"] = bwd.n_regressor_images
+    counts["n_repeats_backward"] = bwd.n_repeats
     counts["n_test_forward"] = int(fwd_test.sum())
     counts["n_test_backward"] = int(bwd_test.sum())
-    return NMEReport(
-        forward=result("forward", fwd_img, forward_lambda, fwd_test),
-        backward=result("backward", bwd_img, backward_lambda, bwd_test),
-        counts=counts,
-        missing=missing,
-    )
+    return NMEReport(forward=fwd, backward=bwd, counts=counts, missing=missing, protocol=proto.name)
 
 
 # ---------------------------------------------------------------- analyses
