@@ -1,0 +1,78 @@
+"""Loss terms of the two trainers (Jakab et al., seed 003; C3, seed 004).
+
+* :func:`reconstruction_loss`: perceptual (frozen diffusion UNet features,
+  :class:`~pipeline.methods.condgen.perceptual.DiffusionPerceptualLoss`) plus
+  pixel L1, both over the valid (non-padded) target pixels.
+* :func:`cross_image_flow_loss`: C3's equivariance between the landmarks of two
+  *different* images through a dense cross-image flow.
+
+About C3's flow term: seed 004 holds only the abstract of Xu et al. 2020 ("a
+cross-image flow module is further introduced to impose the equivariance
+between estimated landmarks across images"), not its equations. This module's
+reading: the flow from image A to image B is the soft correspondence given by
+the correlation of the keypoint encoder's feature maps,
+``C(q -> p) = softmax_p(<f_A(q), f_B(p)> / tau)`` over L2-normalised features;
+each landmark of A is carried through it, ``x~_B^k = sum_q P_A^k(q) sum_p C(q -> p) p``
+with ``P_A^k`` the k-th spatial-softmax map of A, and must land on B's own
+landmark ``x_B^k``: ``L_flow = mean_k |x~_B^k - x_B^k|^2`` (both directions).
+The paper's module may be parametrised differently.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.methods.condgen.geometry import cell_centres
+
+
+def masked_l1(x_hat: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean absolute pixel difference over the pixels where ``mask`` (B, 1, S, S) is set."""
+    diff = (x_hat - x).abs()
+    if mask is None:
+        return diff.mean()
+    return (diff * mask).sum() / (mask.sum().clamp_min(1e-6) * x.shape[1])
+
+
+def reconstruction_loss(
+    x_hat: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, perceptual, perceptual_weight: float, pixel_weight: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``perceptual_weight * L_perc + pixel_weight * L1``; returns the total and its parts (floats, for the log)."""
+    parts: dict[str, float] = {}
+    total = x_hat.new_zeros(())
+    if perceptual is not None and perceptual_weight > 0:
+        lp = perceptual(x_hat, x, mask)
+        total = total + perceptual_weight * lp
+        parts["perceptual"] = float(lp.detach())
+    if pixel_weight > 0:
+        l1 = masked_l1(x_hat, x, mask)
+        total = total + pixel_weight * l1
+        parts["l1"] = float(l1.detach())
+    return total, parts
+
+
+def soft_flow(feat_a: torch.Tensor, feat_b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B, C, h, w) x 2 -> (B, h*w, 2): for every cell of A, its expected position in B (normalised units)."""
+    b, c, h, w = feat_a.shape
+    fa = F.normalize(feat_a.reshape(b, c, h * w), dim=1)
+    fb = F.normalize(feat_b.reshape(b, c, h * w), dim=1)
+    corr = torch.einsum("bcq,bcp->bqp", fa, fb) / temperature
+    ys, xs = cell_centres(h, w, feat_a.device)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(h * w, 2)  # (x, y) per cell, row-major
+    return F.softmax(corr, dim=-1) @ grid
+
+
+def transport_landmarks(prob_a: torch.Tensor, flow_ab: torch.Tensor) -> torch.Tensor:
+    """A's spatial-softmax maps (B, K, h, w) carried through ``flow_ab`` (B, h*w, 2) -> (B, K, 2) in B."""
+    b, k, h, w = prob_a.shape
+    return prob_a.reshape(b, k, h * w) @ flow_ab
+
+
+def cross_image_flow_loss(
+    prob_a: torch.Tensor, pts_a: torch.Tensor, feat_a: torch.Tensor,
+    prob_b: torch.Tensor, pts_b: torch.Tensor, feat_b: torch.Tensor, temperature: float,
+) -> torch.Tensor:
+    """C3's cross-image equivariance, both directions (see the module docstring for the formulation)."""
+    ab = transport_landmarks(prob_a, soft_flow(feat_a, feat_b, temperature))
+    ba = transport_landmarks(prob_b, soft_flow(feat_b, feat_a, temperature))
+    return 0.5 * (((ab - pts_b) ** 2).sum(-1).mean() + ((ba - pts_a) ** 2).sum(-1).mean())

@@ -1,0 +1,161 @@
+"""Jakab et al. / C3 (pipeline.methods.condgen, flows.condgen) on tiny generated data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.methods.condgen import C3Landmarks, CondGenConfig, DiffusionPerceptualLoss, JakabLandmarks
+from pipeline.methods.condgen.geometry import (
+    expected_coordinates,
+    gaussian_maps,
+    random_affine,
+    spatial_softmax,
+    to_crop_pixels,
+    to_normalised,
+    warp_images,
+    warp_points,
+)
+from tests.tiny_runs import SIZE, make_backbone
+
+torch.set_num_threads(1)
+TINY = dict(k=4, width=4, appearance_channels=8, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def perceptual(tmp_path_factory):
+    from pipeline.backbones.ddpm import CategoryDDPM
+
+    backbone = CategoryDDPM.from_pretrained(make_backbone(tmp_path_factory.mktemp("cg") / "tinyddpm"))
+    return DiffusionPerceptualLoss.from_backbone(backbone)
+
+
+def blob_images(n: int, size: int = SIZE, seed: int = 0) -> np.ndarray:
+    """Crops with one bright disc each at a random place on a dark, random-colour background."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    out = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        cx, cy = rng.uniform(0.3, 0.7, 2) * size
+        disc = ((xx - cx) ** 2 + (yy - cy) ** 2) < (size * 0.15) ** 2
+        bg = rng.uniform(0, 80, 3)
+        out[i] = np.where(disc[..., None], rng.uniform(180, 255, 3), bg).astype(np.uint8)
+    return out
+
+
+def test_single_peak_gives_its_coordinate_and_gaussian_peaks_there():
+    k, h, w, S = 3, 8, 8, 32
+    heat = torch.zeros(2, k, h, w)
+    peaks = [(1, 6), (4, 0), (7, 3)]  # (row, column)
+    for j, (r, c) in enumerate(peaks):
+        heat[:, j, r, c] = 60.0  # softmax puts ~all the mass on this cell
+    prob = spatial_softmax(heat)
+    assert torch.allclose(prob.sum((-1, -2)), torch.ones(2, k))
+    px = to_crop_pixels(expected_coordinates(prob), S)
+    want = torch.tensor([[(c + 0.5) * S / w, (r + 0.5) * S / h] for r, c in peaks])
+    assert torch.allclose(px[0], want, atol=1e-3)
+    maps = gaussian_maps(to_normalised(px, S), h, w, sigma=0.1)
+    assert maps.shape == (2, k, h, w)
+    for j, (r, c) in enumerate(peaks):
+        assert divmod(int(maps[0, j].argmax()), w) == (r, c)
+        assert maps[0, j, r, c] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_warp_moves_points_exactly_with_the_image():
+    S = 32
+    gen = torch.Generator().manual_seed(3)
+    theta = random_affine(4, gen, rotation_deg=20, log_scale=0.1, translation=0.1, shear=0.05)
+    # An image whose two channels are the normalised x and y of each pixel centre (linear, so
+    # bilinear sampling reproduces it exactly): the warped image at p holds the source point it came from.
+    ys = (torch.arange(S) * 2 + 1) / S - 1
+    gy, gx = torch.meshgrid(ys, ys, indexing="ij")
+    ramp = torch.stack([gx, gy, torch.zeros_like(gx)])[None].repeat(4, 1, 1, 1)
+    warped, valid = warp_images(ramp, theta)
+    # Target pixel centres well inside the valid area, and the source points warp_points says they show.
+    r, c = torch.meshgrid(torch.arange(10, 22), torch.arange(10, 22), indexing="ij")
+    tgt = torch.stack([(c.reshape(-1) * 2 + 1) / S - 1, (r.reshape(-1) * 2 + 1) / S - 1], -1)
+    src = warped[:, :2, r.reshape(-1), c.reshape(-1)].permute(0, 2, 1)  # (4, n, 2) source coords
+    assert (valid[:, 0, r.reshape(-1), c.reshape(-1)] > 0.999).all()
+    assert torch.allclose(warp_points(src, theta), tgt.expand(4, -1, -1), atol=1e-4)
+
+
+def test_jakab_loss_falls_and_predicts_crop_pixels(perceptual):
+    images = blob_images(24)
+    est = JakabLandmarks(CondGenConfig(steps=40, lr=3e-3, **TINY), perceptual=perceptual).fit(images)
+    losses = np.array([r["loss"] for r in est.history_])
+    assert len(losses) == 40 and {"perceptual", "l1"} <= set(est.history_[0])
+    assert losses[-8:].mean() < 0.8 * losses[:8].mean()
+    ls = est.predict(images[:5])
+    assert ls.coords.shape == (5, 4, 2) and ls.present.all() and not ls.fallback.any()
+    assert ((ls.coords >= 0) & (ls.coords <= SIZE)).all()
+
+
+def test_c3_losses_fall_and_runs_are_deterministic(perceptual):
+    images = blob_images(16, seed=1)
+    cfg = CondGenConfig(steps=24, lr=3e-3, **TINY)
+    a = C3Landmarks(cfg, perceptual=perceptual).fit(images)
+    parts = {"cycle", "flow", "paired"}
+    assert parts <= set(a.history_[0])
+    cycle = np.array([r["cycle"] for r in a.history_])
+    assert cycle[-6:].mean() < cycle[:6].mean()
+    b = C3Landmarks(cfg, perceptual=perceptual).fit(images)
+    np.testing.assert_array_equal(a.predict(images).coords, b.predict(images).coords)
+
+
+# ----------------------------------------------------------------- the flow
+@pytest.fixture(scope="module")
+def tiny_home(tmp_path_factory):
+    from pipeline.datasets.registry import get_loader
+    from pipeline.datasets.synthetic import generate_synthetic
+    from storage.layout import Workspace
+
+    base = tmp_path_factory.mktemp("condgen-flow")
+    ws = Workspace(base / "workspace")
+    root = generate_synthetic(ws.generated_dataset("synthetic"), 16, 8, SIZE, 0)
+    for split in ("train", "test"):
+        manifest, _ = get_loader("synthetic").load(root, split)
+        manifest.save(ws.manifest("synthetic", split))
+    return ws.home, make_backbone(base / "tinyddpm")
+
+
+def test_flow_writes_keypoints_metrics_and_resumes_exactly(prefect_harness, tiny_home):
+    from flows.condgen import condgen
+    from flows.results import read_keypoints
+    from storage.tables import read_table
+
+    home, backbone = tiny_home
+    cfg = CondGenConfig(steps=6, backbone=backbone, **TINY)
+    args = dict(home=home, size=SIZE, checkpoint_every=2, progress=False, threads=1)
+    full = condgen("jakab", "synthetic", cfg, run_id="jakab-full", **args)
+    assert {"nme_forward", "nme_backward", "acc0.2_hungarian"} <= set(full["metric"])
+    kp = read_keypoints(home, "jakab-full")
+    assert set(kp["split"]) == {"train", "test"} and len(kp) == 24 * 4 and kp["present"].all()
+    run = home / "runs" / "jakab-full"
+    assert (run / "figures" / "jakab-test-landmarks.png").is_file()
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000006"]
+    assert len(pd.read_parquet(run / "train-log.parquet")) == 6
+    assert len(read_table(run / "metrics.parquet", "metrics"))
+
+    stopped = condgen("jakab", "synthetic", cfg, run_id="jakab-resumed", stop_after=3, **args)
+    assert stopped.empty and not (home / "runs" / "jakab-resumed" / "keypoints.parquet").exists()
+    assert (home / "runs" / "jakab-resumed" / "checkpoints" / "step-000002" / "state.json").is_file()
+    condgen("jakab", "synthetic", cfg, run_id="jakab-resumed", resume=True, **args)
+    cols = ["image_id", "landmark_id", "x", "y", "score"]
+    a = kp[cols].sort_values(["image_id", "landmark_id"]).reset_index(drop=True)
+    b = read_keypoints(home, "jakab-resumed")[cols].sort_values(["image_id", "landmark_id"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
+    # The log of the resumed run: steps 1..6 once each (step 3, past the checkpoint at 2, was re-run).
+    assert pd.read_parquet(home / "runs" / "jakab-resumed" / "train-log.parquet")["step"].tolist() == list(range(1, 7))
+
+
+def test_flow_refuses_resume_with_other_settings(prefect_harness, tiny_home):
+    from flows.condgen import condgen
+    from pipeline.errors import ConfigError
+
+    home, backbone = tiny_home
+    cfg = CondGenConfig(steps=2, backbone=backbone, **TINY)
+    condgen("c3", "synthetic", cfg, home=home, size=SIZE, run_id="c3-a", stop_after=1, progress=False)
+    with pytest.raises(ConfigError, match="different settings"):
+        condgen("c3", "synthetic", CondGenConfig(steps=2, backbone=backbone, **{**TINY, "k": 5}), home=home, size=SIZE, run_id="c3-a", resume=True, progress=False)
