@@ -159,3 +159,22 @@ def test_flow_refuses_resume_with_other_settings(prefect_harness, tiny_home):
     condgen("c3", "synthetic", cfg, home=home, size=SIZE, run_id="c3-a", stop_after=1, progress=False)
     with pytest.raises(ConfigError, match="different settings"):
         condgen("c3", "synthetic", CondGenConfig(steps=2, backbone=backbone, **{**TINY, "k": 5}), home=home, size=SIZE, run_id="c3-a", resume=True, progress=False)
+
+
+def test_uld_train_method_jakab_and_c3(prefect_harness, tiny_home):
+    from flows import cli_train
+    from tests.tiny_runs import invoke_cli
+
+    home, backbone = tiny_home
+    common = ["-d", "synthetic", "--backbone", backbone, "-k", "4", "--steps", "2", "--size", "32", "--batch-size", "4",
+              "--param", "width=4", "--param", "appearance_channels=8", "--no-progress"]
+    res = invoke_cli(home, cli_train.register, "train", "--method", "jakab", *common, "--run-id", "cli-jakab")
+    assert res.exit_code == 0, res.output
+    assert "nme_forward" in res.output and (home / "runs" / "cli-jakab" / "metrics.parquet").is_file()
+    import json
+
+    cfg = json.loads((home / "runs" / "cli-jakab" / "config.json").read_text())
+    assert cfg["condgen"]["width"] == 4 and cfg["condgen"]["steps"] == 2 and cfg["method"] == "jakab"
+    # A method-only option of another method is refused before anything runs.
+    bad = invoke_cli(home, cli_train.register, "train", "--method", "c3", *common, "--m", "50", "--run-id", "cli-c3")
+    assert bad.exit_code != 0 and not (home / "runs" / "cli-c3").exists()
