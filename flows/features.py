@@ -36,6 +36,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
+from flows.retry import RETRIES, RETRY_DELAY_S, retry_transient
 from pipeline.backbones.base import FeatureSpec, feature_key
 from pipeline.errors import DatasetError, StoreError
 from storage.features import FORMAT_VERSION, FeatureStore, StoreProblem, key_layer, random_projection
@@ -285,7 +286,12 @@ def compute_shard(
 
 
 # Prefect --------------------------------------------------------------------
-@task(name="extract-shard", task_run_name="shard-{shard}", cache_policy=NO_CACHE, persist_result=False)
+# Retried on transient I/O errors only (flows.retry): a shard is written whole and its
+# marker set last, and its noise is seeded per image, so a second attempt gives the same bytes.
+@task(
+    name="extract-shard", task_run_name="shard-{shard}", cache_policy=NO_CACHE, persist_result=False,
+    retries=RETRIES, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=retry_transient,
+)
 def extract_shard_task(
     store: FeatureStore,
     shard: int,
