@@ -45,14 +45,17 @@ a (Q, K) table ``label -> global landmark id``. Why this way:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from pipeline.clustering import FaissKMeans, nearest_centroid
 from pipeline.errors import ConfigError
-from pipeline.methods.duld import KeypointSet
 from pipeline.methods.exemplar import exemplar_assign
+
+if TYPE_CHECKING:  # only for annotations: pipeline.methods.duld imports the labelling package
+    from pipeline.methods.duld import KeypointSet
 
 
 def match_identities(pose_centers: np.ndarray, global_centers: np.ndarray) -> np.ndarray:
