@@ -17,12 +17,14 @@ Stages
    from the descriptor and is kept only for comparison.
 2. Each self-training round:
    :func:`extract_keypoints` (NMS + descriptors on all train crops) ->
-   :func:`cluster_keypoints` (FAISS k-means, K clusters) ->
-   :func:`pseudo_labels` (exemplar assignment: <= K keypoints per image with a
-   cluster id) -> :func:`train_self_round` (detector MSE to Gaussian
-   pseudo-label heatmaps, contrastive descriptor loss with margin m, on the same
-   crop / view pairs)
-   -> :func:`predict_landmarks` (K landmarks per image for evaluation).
+   a pseudo-labeller (``pipeline.labelling``: ``KMeansLabeller`` = FAISS
+   k-means into K clusters for D-ULD, ``OverClusterLabeller`` = K clusters
+   over-segmented into M training labels for Mallis (D)) -> exemplar
+   assignment (<= one keypoint per image and training label) ->
+   :func:`train_self_round` (detector MSE to Gaussian pseudo-label heatmaps,
+   contrastive descriptor loss with margin m over the training labels, on the
+   same crop / view pairs) -> :func:`predict_landmarks` (K landmarks per image
+   for evaluation, from the labeller's K ``landmark_centers_``).
 
 Paper settings (SD features, GPU): Adam lr 1e-4, betas (0.9, 0.999), batch 12,
 bootstrap 50k iterations, re-cluster every 5k of 100k iterations, m = 0.8.
@@ -37,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from pipeline.clustering import FaissKMeans, nearest_centroid
+from pipeline.clustering import nearest_centroid
 from pipeline.datasets.augment_views import ViewAugmentConfig
 from pipeline.errors import ConfigError
 from pipeline.heads.augment import (
@@ -59,6 +61,9 @@ from pipeline.heads.losses import (
     silk_detector_targets,
 )
 from pipeline.heads.model import ULDHeads, ULDHeadsConfig
+# base and kmeans, not the package: pipeline.labelling's __init__ imports labellers that import this module
+from pipeline.labelling.base import KeypointSet, PseudoLabels, exemplar_labels
+from pipeline.labelling.kmeans import KMeansLabeller
 from pipeline.methods.exemplar import exemplar_assign
 from pipeline.methods.landmarks import LandmarkSet
 
@@ -205,41 +210,6 @@ def train_bootstrap(
     return log
 
 
-@dataclass
-class PseudoLabels:
-    """Per training image (store row) up to K keypoints with cluster ids.
-
-    ``rows`` (N,) store rows; ``coords`` (N, K, 2) crop pixels (NaN where
-    absent); ``present`` (N, K); ``distance`` (N, K) squared distance of the
-    kept descriptor to its centroid. Column ``c`` holds cluster ``c``.
-    """
-
-    rows: np.ndarray
-    coords: np.ndarray
-    present: np.ndarray
-    distance: np.ndarray
-
-    def _positions(self) -> dict[int, int]:
-        # Built once per round, not once per training step.
-        if getattr(self, "_pos", None) is None or len(self._pos) != len(self.rows):
-            self._pos = {int(r): i for i, r in enumerate(self.rows)}
-        return self._pos
-
-    def lookup(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, K, 2) crop coords (0 where absent) and (B, K) presence for a batch."""
-        pos = self._positions()
-        missing = [int(r) for r in rows if int(r) not in pos]
-        if missing:
-            raise ConfigError(
-                f"no pseudo-labels for store rows {missing[:5]}",
-                where="PseudoLabels.lookup",
-                fix="cluster the same images the round trains on",
-            )
-        idx = np.asarray([pos[int(r)] for r in rows])
-        coords = np.nan_to_num(self.coords[idx], nan=0.0)
-        return torch.from_numpy(coords).float(), torch.from_numpy(self.present[idx])
-
-
 def self_training_step(
     model: ULDHeads,
     batch: Batch,
@@ -250,6 +220,9 @@ def self_training_step(
 ) -> dict[str, torch.Tensor]:
     """Losses of one self-training step on a batch with pseudo-labels (coords in crop px).
 
+    ``coords`` (B, L, 2) / ``present`` (B, L): column ``c`` is training label ``c``
+    (L = K for D-ULD, M for Mallis (D)); the contrastive term has L classes and
+    the detector target is the max over all L Gaussians.
     The pseudo-labels of the crop are carried into its second view by the
     view's transform. A *flipped* view keeps them for the detector (a landmark
     is a landmark wherever it moved), but not for the descriptor terms: its
@@ -258,7 +231,7 @@ def self_training_step(
     flip correspondence of the clusters instead; here they are left out).
     """
     features = batch["features"]
-    B, K = present.shape
+    B, L = present.shape
     R, S = model.config.out_size, model.config.crop_size
     affine, view_feats, flip = second_view(batch, config, generator)
     out_a = model(features)
@@ -273,7 +246,7 @@ def self_training_step(
     )
     d_a = sample_descriptors(out_a.descriptors, pts_a)  # (B, K, D)
     d_b = sample_descriptors(out_b.descriptors, pts_b)
-    labels = torch.arange(K).expand(B, K)
+    labels = torch.arange(L).expand(B, L)
     desc_b = present_b & ~flip[:, None]
     desc = torch.cat([d_a[present], d_b[desc_b]])
     lab = torch.cat([labels[present], labels[desc_b]])
@@ -314,23 +287,6 @@ def train_self_round(
 
 
 # --------------------------------------------------------------------------- inference
-
-
-@dataclass
-class KeypointSet:
-    """Detected keypoints of many images, flat: one row per keypoint.
-
-    ``rows`` (M,) store row of the image; ``xy`` (M, 2) crop pixels (cell
-    centres); ``score`` (M,) heatmap value; ``desc`` (M, D) unit descriptors.
-    """
-
-    rows: np.ndarray
-    xy: np.ndarray
-    score: np.ndarray
-    desc: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
 
 def _cells_to_crop(xy_cells: torch.Tensor, R: int, S: int) -> torch.Tensor:
@@ -405,47 +361,13 @@ def extract_keypoints(
     )
 
 
-def cluster_keypoints(keypoints: KeypointSet, config: DULDConfig, seed: int) -> FaissKMeans:
-    """FAISS k-means (K clusters, k-means++ restarts) over all keypoint descriptors."""
-    if len(keypoints) < config.k:
-        raise ConfigError(
-            f"only {len(keypoints)} keypoints were detected, fewer than k={config.k} clusters",
-            where="D-ULD clustering",
-            fix="lower --threshold or raise top_k, or train the bootstrap longer",
-        )
-    km = FaissKMeans(n_clusters=config.k, n_init=config.kmeans_n_init, max_iter=config.kmeans_max_iter, seed=seed, use_gpu=False)
-    return km.fit(keypoints.desc)
+def cluster_keypoints(keypoints: KeypointSet, config: DULDConfig, seed: int) -> KMeansLabeller:
+    """D-ULD's k-means of the keypoint descriptors: a fitted :class:`KMeansLabeller` (``cluster_centers_``)."""
+    return KMeansLabeller(config.k, config.kmeans_n_init, config.kmeans_max_iter).fit(keypoints, np.unique(keypoints.rows), seed)
 
 
-def pseudo_labels(
-    keypoints: KeypointSet,
-    centers: np.ndarray,
-    image_rows: np.ndarray,
-    labels: np.ndarray | None = None,
-    sq_dist: np.ndarray | None = None,
-) -> PseudoLabels:
-    """Exemplar assignment: per image and cluster the keypoint nearest the centroid.
-
-    ``image_rows``: the store rows of the images (every image gets a row,
-    possibly with no present label). ``labels``/``sq_dist``: the keypoints'
-    nearest-centroid assignment when the caller already has it.
-    """
-    k = len(centers)
-    image_rows = np.asarray(image_rows, dtype=np.int64)
-    pos = np.full(int(max(image_rows.max(initial=-1), keypoints.rows.max(initial=-1))) + 1, -1, np.int64)
-    pos[image_rows] = np.arange(len(image_rows))
-    img = pos[keypoints.rows]
-    if (img < 0).any():
-        raise ConfigError("keypoints belong to images outside image_rows", where="pseudo_labels")
-    if labels is None or sq_dist is None:
-        labels, sq_dist = nearest_centroid(keypoints.desc, centers, use_gpu=False)
-    sq = sq_dist
-    assign = exemplar_assign(img, labels, sq, len(image_rows), k)  # (N, K) index into keypoints or -1
-    present = assign >= 0
-    safe = np.where(present, assign, 0)
-    coords = np.where(present[..., None], keypoints.xy[safe], np.nan).astype(np.float32)
-    dist = np.where(present, sq[safe], np.nan).astype(np.float32)
-    return PseudoLabels(image_rows, coords, present, dist)
+# Exemplar assignment of keypoints to given centroids (the old name; the engine uses the labellers).
+pseudo_labels = exemplar_labels
 
 
 @dataclass
