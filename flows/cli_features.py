@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         writes a different store under features/<dataset>/<backbone>.zarr/<hash>/.
         """
         from flows.cli import settings
-        from flows.features import check_manifests, check_usable, complete_store_path, extract_features, verify_features
+        from flows.feature_plan import check_manifests, check_usable, recorded_store_path
         from pipeline.errors import StoreError
         from storage.features import FeatureStore
 
@@ -46,6 +46,8 @@ def register(app: typer.Typer) -> None:
         check_manifests(s.home, dataset, s.data_root)  # before a flow run starts: one clear error line
         t0 = time.perf_counter()
         if verify:
+            from flows.features import verify_features
+
             path, problems = verify_features(dataset, backbone, spec, home=s.home, device="cpu", data_root=s.data_root, deep=deep)
             typer.echo(f"store:      {path}")
             if not problems:
@@ -59,11 +61,18 @@ def register(app: typer.Typer) -> None:
                 fix="re-run this command without --verify to re-extract them" if all(p.repairable for p in problems)
                 else "delete the folder and re-run `uld features` to rebuild it",
             )
-        # A finished store needs no flow run (and no Prefect server start-up): check that first, on the CPU.
-        path = complete_store_path(dataset, backbone, spec, home=s.home, device="cpu", data_root=s.data_root, deep=deep)
+        # A finished store needs no flow run (no Prefect server start-up) and, when the backbone's
+        # identity is recorded for its unchanged files, no model either (no torch, no Prefect import).
+        path = recorded_store_path(dataset, backbone, spec, home=s.home, data_root=s.data_root, deep=deep)
+        if path is None:
+            from flows.features import complete_store_path
+
+            path = complete_store_path(dataset, backbone, spec, home=s.home, device="cpu", data_root=s.data_root, deep=deep)
         if path is not None:
             typer.echo("features already complete: nothing to do")
         else:
+            from flows.features import extract_features
+
             path = extract_features(
                 dataset,
                 backbone,

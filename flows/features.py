@@ -22,12 +22,9 @@ No algorithms here: cropping, the backbone and the store live in
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,10 +33,25 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
+# The plain helpers live in flows.feature_plan (no Prefect, no torch); re-exported here.
+from flows.feature_plan import (  # noqa: F401
+    SPLITS,
+    StorePlan,
+    check_manifests,
+    check_same,
+    check_usable,
+    load_manifests,
+    manifest_fingerprint,
+    manifest_hint,
+    plan_store,
+    recorded_store_path,
+    remember_backbone,
+    store_config,
+)
 from flows.retry import RETRIES, RETRY_DELAY_S, retry_transient
-from pipeline.backbones.base import FeatureSpec, feature_key
+from pipeline.backbones.base import FeatureSpec
 from pipeline.errors import DatasetError, StoreError
-from storage.features import FORMAT_VERSION, FeatureStore, StoreProblem, key_layer, random_projection
+from storage.features import FeatureStore, StoreProblem, key_layer
 from storage.layout import Workspace
 from storage.locks import WriterLock
 
@@ -48,125 +60,6 @@ if TYPE_CHECKING:
     from pipeline.datasets.base import Manifest
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "test")
-# Manifest columns that decide what goes into the store (paths and boxes decide the crops).
-_FINGERPRINT_COLUMNS = ("image_id", "split", "path", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1")
-
-
-# helpers (plain functions: usable and testable without Prefect) -------------
-def manifest_hint(dataset: str, home: str | Path, data_root: str | Path | None = None) -> str:
-    """The exact command that builds a missing manifest (and, for LS3D, where its data was looked for)."""
-    if dataset == "synthetic":
-        return f"build it first: `uld --home {home} datasets generate synthetic` (or run `uld demo`)"
-    root = Path(data_root) / dataset if data_root is not None else None
-    cmd = f"uld --home {home} datasets manifest {dataset} --root {root if root is not None else 'PATH'}"
-    hint = f"build it first: `{cmd}`"
-    if dataset == "ls3d":
-        where = f"under {root}" if root is not None else "nowhere yet (no --data-root / $ULD_DATA given)"
-        hint += f"; the LS3D-W test images and 300W-LP training files were looked for {where}"
-    return hint
-
-
-def check_manifests(home: str | Path, dataset: str, data_root: str | Path | None = None) -> None:
-    """Raise :class:`DatasetError` with the command to run if a manifest of ``dataset`` is missing.
-
-    Cheap (file existence only): the CLI calls it before starting a flow run so
-    a missing manifest is one clear line, not a failed Prefect run.
-    """
-    ws = Workspace(Path(home))
-    for split in SPLITS:
-        path = ws.manifest(dataset, split)
-        if not path.is_file():
-            raise DatasetError(f"no {split} manifest for dataset {dataset!r}", where=str(path), fix=manifest_hint(dataset, home, data_root))
-
-
-def load_manifests(home: str | Path, dataset: str, data_root: str | Path | None = None) -> "Manifest":
-    """Train then test manifest of ``dataset``, concatenated (the store's row order)."""
-    from flows.datasets import load_manifest
-    from pipeline.datasets.base import Manifest
-
-    # Checked here (not only in load_manifest) to name the data folder that was used.
-    check_manifests(home, dataset, data_root)
-    return Manifest.concat([load_manifest(Path(home), dataset, split) for split in SPLITS])
-
-
-def manifest_fingerprint(manifest: "Manifest") -> str:
-    """A hash of what decides the crops: ids, splits, paths and boxes, in order."""
-    h = hashlib.sha256()
-    frame = manifest.frame
-    for col in _FINGERPRINT_COLUMNS:
-        values = frame[col].to_numpy()
-        if col.startswith("bbox"):
-            h.update(np.ascontiguousarray(values, dtype=np.float32).tobytes())
-        else:
-            h.update("\x1f".join(str(v) for v in values).encode())
-        h.update(b"\x1e")
-    return h.hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class StorePlan:
-    """Everything that defines one store, computed before touching the disk."""
-
-    config: dict
-    config_hash: str
-    layers: list[str]
-    keys: list[str]
-    shapes: dict[str, tuple[int, int, int]]
-    projections: dict[str, np.ndarray]
-
-
-def plan_store(dataset: str, backbone: "DiffusionBackbone", backbone_name: str, spec: FeatureSpec, manifest: "Manifest") -> StorePlan:
-    """Resolve layers, keys, stored shapes, projections, the full config and its hash."""
-    spec = backbone.canonical_spec(spec)  # e.g. `pixels` ignores timesteps: one store whatever --timesteps says
-    identity = backbone.identity()
-    layers = list(spec.layers) or list(backbone.default_layers())
-    layer_shapes = backbone.feature_shapes(spec.image_size, layers)
-    projections: dict[str, np.ndarray] = {}
-    shapes: dict[str, tuple[int, int, int]] = {}
-    keys: list[str] = []
-    for layer in layers:
-        c, h, w = (int(x) for x in layer_shapes[layer])
-        if spec.reduce_channels is not None and spec.reduce_channels < c:
-            projections[layer] = random_projection(c, int(spec.reduce_channels), spec.noise_seed, layer)
-            c = int(spec.reduce_channels)
-        for t in spec.timesteps:
-            key = feature_key(layer, t)
-            keys.append(key)
-            shapes[key] = (c, h, w)
-    fingerprint = manifest_fingerprint(manifest)
-    spec_hash = spec.config_hash(identity)
-    config = {
-        "dataset": dataset,
-        "backbone_name": backbone_name,
-        "backbone": identity,
-        "spec": spec.to_json(),
-        "spec_hash": spec_hash,
-        "manifest_fingerprint": fingerprint,
-        "layers": layers,
-        "timesteps": [int(t) for t in spec.timesteps],
-        "n_images": len(manifest),
-    }
-    payload = json.dumps({"spec_hash": spec_hash, "manifest": fingerprint, "format": FORMAT_VERSION}, sort_keys=True)
-    config_hash = hashlib.sha256(payload.encode()).hexdigest()[:12]
-    # JSON round trip so the comparison with a reopened store's attrs is like for like.
-    config = json.loads(json.dumps(config, default=str))
-    return StorePlan(config, config_hash, layers, keys, shapes, projections)
-
-
-def _check_same(store: FeatureStore, plan: StorePlan, ids: np.ndarray) -> None:
-    diffs = sorted(k for k in set(plan.config) | set(store.config) if plan.config.get(k) != store.config.get(k))
-    if store.keys != sorted(plan.keys):
-        diffs.append("keys")
-    if len(store) != len(ids) or not np.array_equal(store.image_ids, ids):
-        diffs.append("image_ids")
-    if diffs:
-        raise StoreError(
-            f"the feature store on disk was written for a different configuration (differs in: {', '.join(diffs)})",
-            where=str(store.path),
-            fix="delete that folder and re-run `uld features` to rebuild it",
-        )
 
 
 def open_or_create_store(path: Path, plan: StorePlan, manifest: "Manifest", crop_boxes: np.ndarray, spec: FeatureSpec, shard_size: int, batch_size: int) -> FeatureStore:
@@ -192,7 +85,7 @@ def open_or_create_store(path: Path, plan: StorePlan, manifest: "Manifest", crop
             if not (path / "zarr.json").is_file():
                 raise  # a real error, not a race with another process creating it
     store = FeatureStore.open(path, require_complete=False, expected_hash=plan.config_hash, writable=True)
-    _check_same(store, plan, ids)
+    check_same(store, plan, ids)
     return store
 
 
@@ -347,6 +240,8 @@ def extract_features(
     else:
         model, name = backbone, backbone.name
     plan = plan_store(dataset, model, name, spec, manifest)
+    if isinstance(backbone, str):  # the next no-op run finds the store without loading the model
+        remember_backbone(home, backbone, plan.config["backbone"], model.default_layers())
     path = Workspace(home).feature_store(dataset, name, plan.config_hash)
     boxes = np.asarray(crop_boxes(manifest.boxes(), spec.crop_margin), dtype=np.float32)
     # One writer per store: a second `uld features` on the same configuration would
@@ -382,25 +277,6 @@ def extract_features(
     return path
 
 
-def check_usable(store: FeatureStore) -> None:
-    """Refuse a store in which a split has no readable image (every one skipped with --skip-bad).
-
-    Such a store is complete but useless: every later stage would fail on an
-    empty split, far from the cause. Said here, with the reasons recorded.
-    """
-    valid = store.valid
-    for split in SPLITS:
-        rows = store.splits == split
-        if rows.any() and not valid[rows].any():
-            reasons = [f"{k}: {v}" for k, v in list(store.skipped.items())[:3]]
-            raise DatasetError(
-                f"none of the {int(rows.sum())} {split} images could be read (all skipped with --skip-bad)"
-                + (f"; e.g. {'; '.join(reasons)}" if reasons else ""),
-                where=str(store.path),
-                fix="repair the image files (or the manifest's paths), delete the store folder, and re-run `uld features`",
-            )
-
-
 def complete_store_path(
     dataset: str,
     backbone: "str | DiffusionBackbone",
@@ -413,12 +289,19 @@ def complete_store_path(
     """The path of the finished store for this configuration, or None if there is work left.
 
     Plain function (no Prefect): the CLI calls it first so a no-op re-run costs
-    loading manifests and hashing the backbone, not starting a Prefect server.
+    loading manifests and opening the store, not starting a Prefect server; when
+    the backbone's identity is recorded for its unchanged files
+    (:func:`flows.feature_plan.recorded_store_path`) the model is not even built.
     "Finished" includes every shard file being present (and, with ``deep``,
     every chunk decoding): a store with missing files needs a repair run.
     Raises like :func:`extract_features` when an existing store does not match.
     """
     spec = spec or FeatureSpec()
+    if isinstance(backbone, str):
+        # A recorded identity (unchanged backbone files) finds a finished store without the model.
+        found = recorded_store_path(dataset, backbone, spec, home=home, data_root=data_root, deep=deep)
+        if found is not None:
+            return found
     manifest = load_manifests(home, dataset, data_root)
     if isinstance(backbone, str):
         from pipeline.backbones.loading import backbone_name, load_backbone
@@ -427,11 +310,13 @@ def complete_store_path(
     else:
         name, model = backbone.name, backbone
     plan = plan_store(dataset, model, name, spec, manifest)
+    if isinstance(backbone, str):
+        remember_backbone(home, backbone, plan.config["backbone"], model.default_layers())
     path = Workspace(Path(home)).feature_store(dataset, name, plan.config_hash)
     if not (path / "zarr.json").is_file():
         return None
     store = FeatureStore.open(path, require_complete=False, expected_hash=plan.config_hash)
-    _check_same(store, plan, manifest.image_ids)
+    check_same(store, plan, manifest.image_ids)
     if deep and store.verify(deep=True):
         return None
     return path if store.is_complete() else None
@@ -467,7 +352,7 @@ def open_features(
             fix=f"run `{cmd}` (with the same --timesteps/--layers/--size options) first",
         )
     store = FeatureStore.open(path, require_complete=False, expected_hash=plan.config_hash)
-    _check_same(store, plan, manifest.image_ids)
+    check_same(store, plan, manifest.image_ids)
     unfinished = store.unfinished_shards()
     if unfinished:
         raise StoreError(
@@ -510,5 +395,5 @@ def verify_features(
             fix=f"run `uld --home {home} features --dataset {dataset} --backbone {name}` (same options) first",
         )
     store = FeatureStore.open(path, require_complete=False, expected_hash=plan.config_hash)
-    _check_same(store, plan, manifest.image_ids)
+    check_same(store, plan, manifest.image_ids)
     return path, store.verify(deep=deep)

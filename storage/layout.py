@@ -17,6 +17,7 @@
       runs/<run_id>/checkpoints/<stage>-<round>/ safetensors + config.json
       runs/<run_id>/figures/*.png                plots
       probes/<dataset>/<backbone>/<store_hash>/  feature probe: probe.parquet + probe.png
+      cache/backbone-identities.json             backbone identities by file content (storage.backbone_identities)
 
 Paths are computed here and nowhere else.
 """
@@ -95,3 +96,7 @@ class Workspace:
 
     def figures_dir(self, run_id: str) -> Path:
         return self.run_dir(run_id) / "figures"
+
+    # caches ---------------------------------------------------------------
+    def backbone_identities(self) -> Path:
+        return self.home / "cache" / "backbone-identities.json"

@@ -12,10 +12,12 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported on use: FeatureSpec is needed by every CLI command, torch by few
+    import torch
 
 
 def _current_crop_rule() -> int:
@@ -130,6 +132,8 @@ def weights_hash(module: torch.nn.Module) -> str:
     It names feature stores, so every byte counts: a store is never reused for
     weights that differ anywhere (~0.7 GB/s here: a few seconds for Stable Diffusion 1.5).
     """
+    import torch
+
     h = hashlib.sha256()
     for name, p in sorted(module.state_dict().items()):
         h.update(name.encode())
