@@ -81,6 +81,26 @@ def test_warp_moves_points_exactly_with_the_image():
     assert torch.allclose(warp_points(src, theta), tgt.expand(4, -1, -1), atol=1e-4)
 
 
+def test_cross_image_flow_carries_landmarks_to_the_matching_place():
+    from pipeline.methods.condgen.losses import cross_image_flow_loss, soft_flow, transport_landmarks
+
+    h = w = 8
+    # Features that name each cell uniquely (one-hot); image B is image A moved by (+2, +1) cells.
+    feat_a = torch.eye(h * w).reshape(1, h * w, h, w)
+    feat_b = torch.roll(feat_a, shifts=(1, 2), dims=(2, 3))
+    heat = torch.full((1, 2, h, w), -50.0)
+    heat[0, 0, 2, 3] = heat[0, 1, 5, 1] = 50.0
+    prob_a = spatial_softmax(heat)
+    prob_b = torch.roll(prob_a, shifts=(1, 2), dims=(2, 3))
+    pts_a, pts_b = expected_coordinates(prob_a), expected_coordinates(prob_b)
+    moved = transport_landmarks(prob_a, soft_flow(feat_a, feat_b, temperature=0.01))
+    assert torch.allclose(moved, pts_b, atol=1e-4)
+    assert torch.allclose(pts_b - pts_a, torch.tensor([2 * 2 / w, 1 * 2 / h]).expand(1, 2, 2), atol=1e-4)
+    assert float(cross_image_flow_loss(prob_a, pts_a, feat_a, prob_b, pts_b, feat_b, 0.01)) < 1e-6
+    # Landmarks of B that did not move with the image violate the equivariance.
+    assert float(cross_image_flow_loss(prob_a, pts_a, feat_a, prob_a, pts_a, feat_b, 0.01)) > 0.05
+
+
 def test_jakab_loss_falls_and_predicts_crop_pixels(perceptual):
     images = blob_images(24)
     est = JakabLandmarks(CondGenConfig(steps=40, lr=3e-3, **TINY), perceptual=perceptual).fit(images)
@@ -150,13 +170,15 @@ def test_flow_writes_keypoints_metrics_and_resumes_exactly(prefect_harness, tiny
     assert pd.read_parquet(home / "runs" / "jakab-resumed" / "train-log.parquet")["step"].tolist() == list(range(1, 7))
 
 
-def test_flow_refuses_resume_with_other_settings(prefect_harness, tiny_home):
+def test_c3_flow_and_resume_with_other_settings_is_refused(prefect_harness, tiny_home):
     from flows.condgen import condgen
     from pipeline.errors import ConfigError
 
     home, backbone = tiny_home
     cfg = CondGenConfig(steps=2, backbone=backbone, **TINY)
-    condgen("c3", "synthetic", cfg, home=home, size=SIZE, run_id="c3-a", stop_after=1, progress=False)
+    rows = condgen("c3", "synthetic", cfg, home=home, size=SIZE, run_id="c3-a", progress=False)
+    assert set(rows["method"]) == {"c3"} and "nme_forward" in set(rows["metric"])
+    assert (home / "runs" / "c3-a" / "figures" / "c3-test-landmarks.png").is_file()
     with pytest.raises(ConfigError, match="different settings"):
         condgen("c3", "synthetic", CondGenConfig(steps=2, backbone=backbone, **{**TINY, "k": 5}), home=home, size=SIZE, run_id="c3-a", resume=True, progress=False)
 
