@@ -230,8 +230,9 @@ def register(app: typer.Typer) -> None:
 
 
 # ----------------------------------------------------------------------------- feature-head methods
-def run_feature_heads(req: TrainRequest, labeller: dict | None = None) -> Any:
-    """The D-ULD engine (flows.duld.duld) with this request's options; ``labeller`` picks the pseudo-labeller."""
+def run_feature_heads(req: TrainRequest) -> Any:
+    """The self-training engine (flows.duld.duld) with this request's options; ``req.method`` picks the
+    pseudo-labeller there (flows.duld.ENGINE_METHODS)."""
     from flows.duld import duld
     from pipeline.datasets.augment_views import ViewAugmentConfig
     from pipeline.settings import resolve_device
@@ -243,15 +244,15 @@ def run_feature_heads(req: TrainRequest, labeller: dict | None = None) -> Any:
     views = None
     if o["n_views"] > 0:
         views = ViewAugmentConfig(n_views=o["n_views"], flip=o["flip"], colour_jitter=o["colour_jitter"], seed=s.seed if o["view_seed"] is None else o["view_seed"])
-    extra = {} if labeller is None else {"labeller": labeller}
     return duld(
         o["dataset"], o["backbone"], spec, k=o["k"], rounds=o["rounds"], steps_per_round=o["steps_per_round"], bootstrap_steps=o["bootstrap_steps"],
         lr=o["lr"], batch_size=o["batch_size"], home=s.home, seed=s.seed, run_id=o["run_id"], resume=o["resume"], resolution=o["resolution"],
         channels=o["channels"], descriptor_dim=o["descriptor_dim"], progress=o["progress"], threads=o["threads"], roi=o["roi"], device=s.device,
-        views=views, threshold=o["threshold"], relative_threshold=o["relative_threshold"], store_path=o["store"], **extra,
+        views=views, threshold=o["threshold"], relative_threshold=o["relative_threshold"], store_path=o["store"],
+        method=req.method, method_params={name: o[name] for name in METHOD_ONLY_OPTIONS if o.get(name) is not None},
     )
 
 
-@register_method("duld", "D-ULD (paper 001, Sec 3.2): bootstrapped heads on cached features, k-means (K) pseudo-labels per round.")
-def run_duld(req: TrainRequest) -> Any:
-    return run_feature_heads(req)
+register_method("duld", "D-ULD (paper 001, Sec 3.2): bootstrapped heads on cached features, k-means (K) pseudo-labels per round.")(run_feature_heads)
+register_method("mallis-d", "Mallis (D) (paper 001, Table 1): the same engine, K clusters over-clustered into --m (default 100) training labels.",
+                own_options=("m",))(run_feature_heads)

@@ -1,4 +1,9 @@
-"""The D-ULD stage as Prefect flows: bootstrap, then self-training rounds.
+"""The self-training engine as Prefect flows: bootstrap, then self-training rounds.
+
+One loop for every method that trains detector/descriptor heads on cached
+features; the method (``config.json``'s ``method``: ``duld`` | ``mallis-d``,
+see :data:`ENGINE_METHODS`) only picks the pseudo-labeller
+(``pipeline.labelling``): D-ULD's K-means, Mallis (D)'s over-clustering.
 
 ::
 
@@ -17,7 +22,8 @@ Everything a step produces lands in ``runs/<run_id>/``:
 * ``config.json``                          the full configuration (checked on --resume)
 * ``checkpoints/bootstrap-000/``, ``checkpoints/round-NNN/``
   ``config.json`` + ``model.safetensors`` (the heads), ``optimizer.pt`` (Adam
-  state), ``centroids.npy`` (the evaluation clustering), ``train-keypoints.npz``
+  state), ``centroids.npy`` (the K landmark centroids of the evaluation clustering),
+  ``labeller.npz`` (the fitted pseudo-labeller: its training-label centroids), ``train-keypoints.npz``
   (the train keypoints it clustered) and ``state.json``,
   written *last*: a checkpoint without it is unfinished and ignored;
 * ``round-NNN-keypoints.parquet``          step 1: NMS keypoints + descriptors of every train image;
@@ -51,17 +57,15 @@ from prefect.cache_policies import NO_CACHE
 from pipeline.backbones.base import FeatureSpec
 from pipeline.datasets.augment_views import ViewAugmentConfig
 from pipeline.errors import ConfigError, StoreError
+from pipeline.evaluation.protocols import check_box, get_protocol
 from pipeline.heads.model import ULDHeads, ULDHeadsConfig
+from pipeline.labelling import KeypointSet, PseudoLabeller, PseudoLabels, make_labeller
 from pipeline.methods.duld import (
     DULDConfig,
-    KeypointSet,
-    PseudoLabels,
     build_model,
-    cluster_keypoints,
     extract_keypoints,
     make_optimizer,
     predict_landmarks,
-    pseudo_labels,
     seeded_generator,
     train_bootstrap,
     train_self_round,
@@ -82,8 +86,25 @@ STATE_NAME = "state.json"
 OPTIMIZER_NAME = "optimizer.pt"
 CENTROIDS_NAME = "centroids.npy"
 KEYPOINTS_NAME = "train-keypoints.npz"
-# Hyper-parameters that must match for --resume to continue a run.
-_RESUME_KEYS = ("dataset", "backbone", "feature_config_hash", "duld", "heads", "seed", "roi")
+LABELLER_NAME = "labeller.npz"
+# Hyper-parameters that must match for --resume to continue a run ("labeller" only when the
+# run recorded one: runs made before labellers existed were all D-ULD's k-means, whose
+# settings are part of "duld").
+_RESUME_KEYS = ("method", "dataset", "backbone", "feature_config_hash", "duld", "heads", "seed", "roi", "labeller")
+
+
+def _kmeans_labeller(cfg: DULDConfig, params: dict) -> dict:
+    return {"name": "kmeans", "k": cfg.k, "n_init": cfg.kmeans_n_init, "max_iter": cfg.kmeans_max_iter}
+
+
+def _overcluster_labeller(cfg: DULDConfig, params: dict) -> dict:
+    m = params.get("m")
+    return {"name": "overcluster", "k": cfg.k, "m": 100 if m is None else int(m), "n_init": cfg.kmeans_n_init, "max_iter": cfg.kmeans_max_iter}
+
+
+# Methods this engine runs: name -> (DULDConfig, method params) -> labeller spec for make_labeller.
+# A method that differs from D-ULD only in its pseudo-labels adds one entry here.
+ENGINE_METHODS = {"duld": _kmeans_labeller, "mallis-d": _overcluster_labeller}
 
 
 @dataclass
@@ -104,6 +125,12 @@ class RunContext:
     rois: np.ndarray | None = None  # (len(store), 4) crop-px object boxes, or None = whole crop
     views: Any = None  # storage.augmented_features.ViewStore of the training crops, or None (feature warps)
     evaluation: dict = field(default_factory=dict)  # evaluate_keypoints settings (protocol, box, ...); {} = its defaults
+    method: str = METHOD  # written into every table row
+    labeller: dict = field(default_factory=dict)  # make_labeller spec; {} = D-ULD's k-means from ``config``
+
+    def make_labeller(self) -> PseudoLabeller:
+        """A fresh (unfitted) pseudo-labeller of this run's method."""
+        return make_labeller(self.labeller or _kmeans_labeller(self.config, {}))
 
     @property
     def ws(self) -> Workspace:
@@ -145,9 +172,10 @@ def stage_of(round_: int) -> tuple[str, int]:
     return (BOOTSTRAP, 0) if round_ == 0 else (ROUND, round_)
 
 
-def save_checkpoint(path: Path, model: ULDHeads, optimizer: torch.optim.Optimizer, centers: np.ndarray, keypoints: KeypointSet, state: dict) -> None:
-    """Weights, optimizer, centroids, the train keypoints they were fitted on, then
-    ``state.json`` last (the completion marker)."""
+def save_checkpoint(path: Path, model: ULDHeads, optimizer: torch.optim.Optimizer, labeller: PseudoLabeller, keypoints: KeypointSet, state: dict) -> None:
+    """Weights, optimizer, the fitted labeller (K landmark centroids in ``centroids.npy``, which
+    the predictor reads, and its whole state in ``labeller.npz``), the train keypoints it was
+    fitted on, then ``state.json`` last (the completion marker)."""
     marker = path / STATE_NAME
     if marker.exists():
         marker.unlink()  # rewriting a checkpoint: it must not look finished half-way
@@ -156,23 +184,31 @@ def save_checkpoint(path: Path, model: ULDHeads, optimizer: torch.optim.Optimize
         torch.save(optimizer.state_dict(), tmp)
     with atomic_path(path / CENTROIDS_NAME) as tmp:
         with open(tmp, "wb") as fh:
-            np.save(fh, np.asarray(centers, np.float32))
+            np.save(fh, np.asarray(labeller.landmark_centers_, np.float32))
+    with atomic_path(path / LABELLER_NAME) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **labeller.get_state())
     with atomic_path(path / KEYPOINTS_NAME) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, rows=keypoints.rows, xy=keypoints.xy, score=keypoints.score, desc=keypoints.desc)
     write_json(marker, state)
 
 
-def load_checkpoint(path: Path, lr: float) -> tuple[ULDHeads, torch.optim.Optimizer, np.ndarray, KeypointSet]:
+def load_checkpoint(path: Path, lr: float, labeller: PseudoLabeller) -> tuple[ULDHeads, torch.optim.Optimizer, PseudoLabeller, KeypointSet]:
+    """The checkpoint's heads, optimizer, ``labeller`` restored to its fitted state, train keypoints."""
     if not (path / STATE_NAME).is_file():
         raise StoreError("checkpoint is unfinished (no state.json)", where=str(path), fix="re-run with --resume to redo that stage")
     model = ULDHeads.from_pretrained(path)
     optimizer = make_optimizer(model, lr)
     optimizer.load_state_dict(torch.load(path / OPTIMIZER_NAME, weights_only=True))
-    centers = np.load(path / CENTROIDS_NAME)
+    if (path / LABELLER_NAME).is_file():
+        with np.load(path / LABELLER_NAME) as z:
+            labeller.set_state({name: z[name] for name in z.files})
+    else:  # written before labellers existed: D-ULD's k-means, its centroids are the whole state
+        labeller.set_state({"landmark_centers": np.load(path / CENTROIDS_NAME)})
     with np.load(path / KEYPOINTS_NAME) as z:
         keypoints = KeypointSet(z["rows"], z["xy"], z["score"], z["desc"])
-    return model, optimizer, centers, keypoints
+    return model, optimizer, labeller, keypoints
 
 
 def completed_rounds(ctx: RunContext, rounds: int) -> int:
@@ -225,36 +261,37 @@ def keypoints_parquet(ctx: RunContext, round_: int, kp: KeypointSet, labels: np.
 
 
 def pseudolabels_frame(ctx: RunContext, round_: int, pl: PseudoLabels) -> pd.DataFrame:
+    """One row per present pseudo-label: ``landmark_id`` its landmark (0..K-1), ``label`` its
+    training label (= landmark_id for D-ULD, one of M for Mallis (D); an extra column)."""
     img, lab = np.nonzero(pl.present)
     return pd.DataFrame(
         {
             "run_id": ctx.run_id,
-            "method": METHOD,
+            "method": ctx.method,
             "stage": "self-training",
             "round": int(round_),
             "image_id": ctx.store.image_ids[pl.rows[img]],
-            "landmark_id": lab.astype(np.int32),
+            "landmark_id": pl.landmarks()[lab].astype(np.int32),
             "pose_cluster": -1,
             "x": pl.coords[img, lab, 0],
             "y": pl.coords[img, lab, 1],
             "distance": pl.distance[img, lab],
+            "label": lab.astype(np.int32),
         }
     )
 
 
 # ----------------------------------------------------------------- tasks
 @task(name="pseudo-labels", cache_policy=NO_CACHE, persist_result=False)
-def pseudo_labels_task(ctx: RunContext, round_: int, kp: KeypointSet, centers: np.ndarray) -> PseudoLabels:
-    """Steps 1-2: the current heads' train keypoints and their k-means (K) centroids
-    (computed once, by the previous round's evaluation, and kept in its checkpoint)
-    -> exemplar assignment -> round-NNN-keypoints.parquet + pseudolabels.parquet."""
-    from pipeline.clustering import nearest_centroid
-
-    labels, sq = nearest_centroid(kp.desc, centers, use_gpu=False)
-    pl = pseudo_labels(kp, centers, ctx.train_rows, labels=labels, sq_dist=sq)
+def pseudo_labels_task(ctx: RunContext, round_: int, kp: KeypointSet, labeller: PseudoLabeller) -> PseudoLabels:
+    """Steps 1-2: the current heads' train keypoints and the labeller fitted on them
+    (both by the previous round's evaluation, kept in its checkpoint) -> exemplar
+    assignment per training label -> round-NNN-keypoints.parquet + pseudolabels.parquet."""
+    labels, sq = labeller.assign(kp)
+    pl = labeller.predict(kp, ctx.train_rows)
     keypoints_parquet(ctx, round_, kp, labels, sq)
     append_table(pseudolabels_frame(ctx, round_, pl), ctx.ws.run_file(ctx.run_id, "pseudolabels.parquet"), "pseudolabels", replace_on=["run_id", "round"])
-    print(f"round {round_}: {len(kp)} keypoints, {pl.present.mean():.1%} of the K pseudo-labels present per image")
+    print(f"round {round_}: {len(kp)} keypoints, {pl.present.mean():.1%} of the {pl.n_labels} pseudo-labels present per image")
     return pl
 
 
@@ -286,12 +323,13 @@ def train_round_task(ctx: RunContext, round_: int, model: ULDHeads, optimizer: t
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
-def evaluate_task(ctx: RunContext, round_: int, model: ULDHeads) -> tuple[np.ndarray, KeypointSet, pd.DataFrame]:
-    """Step 4: cluster the trained heads' train keypoints, predict K landmarks on both splits, NME.
+def evaluate_task(ctx: RunContext, round_: int, model: ULDHeads) -> tuple[PseudoLabeller, KeypointSet, pd.DataFrame]:
+    """Step 4: fit the labeller on the trained heads' train keypoints, predict K landmarks
+    (its ``landmark_centers_``) on both splits, NME.
 
     The centroids used for prediction come from the *trained* heads (the
     pseudo-label centroids of step 2 live in the descriptor space before
-    training). Returns the centroids and the train keypoints they were fitted on (both
+    training). Returns the fitted labeller and the train keypoints it was fitted on (both
     saved with the checkpoint: the next round's pseudo-labels start from them) and the
     metric rows.
     """
@@ -299,19 +337,21 @@ def evaluate_task(ctx: RunContext, round_: int, model: ULDHeads) -> tuple[np.nda
 
     stage, _ = stage_of(round_)
     kp = extract_keypoints(model, ordered_batches(ctx, ctx.train_rows), ctx.config, ctx.progress, rois=ctx.rois)
-    km = cluster_keypoints(kp, ctx.config, seed=ctx.seed + 1000 * round_ + 500)
-    centers = km.cluster_centers_
+    labeller = ctx.make_labeller().fit(kp, ctx.train_rows, seed=ctx.seed + 1000 * round_ + 500)
+    centers = labeller.landmark_centers_
     extra = []
     for split, rows in (("train", ctx.train_rows), ("test", ctx.test_rows)):
         pred = predict_landmarks(model, ordered_batches(ctx, rows), centers, ctx.config, ctx.progress, rois=ctx.rois)
-        write_keypoints(ctx.home, ctx.run_id, METHOD, stage, round_, ctx.store, pred.rows, pred.landmarks)
+        write_keypoints(ctx.home, ctx.run_id, ctx.method, stage, round_, ctx.store, pred.rows, pred.landmarks)
         extra.append(
-            {"run_id": ctx.run_id, "method": METHOD, "stage": stage, "round": int(round_), "dataset": ctx.dataset, "split": split,
-             "metric": "fallback_fraction", "value": float(pred.fallback.mean()), "k": ctx.config.k, "n_regressor_images": -1, "repeat": -1}
+            {"run_id": ctx.run_id, "method": ctx.method, "stage": stage, "round": int(round_), "dataset": ctx.dataset, "split": split,
+             "metric": "fallback_fraction", "value": float(pred.fallback.mean()), "k": ctx.config.k, "n_regressor_images": -1, "repeat": -1,
+             # part of the metrics row key (flows.results.METRIC_KEYS): the same rule as the round's other rows
+             "protocol": get_protocol(ctx.evaluation.get("protocol")).name, "box": check_box(ctx.evaluation.get("box"))}
         )
     write_metrics(ctx.home, ctx.run_id, extra)
-    rows = evaluate_keypoints(ctx.home, ctx.run_id, ctx.dataset, METHOD, stage, round_, seed=ctx.seed, plot=True, **ctx.evaluation)
-    return centers, kp, rows
+    rows = evaluate_keypoints(ctx.home, ctx.run_id, ctx.dataset, ctx.method, stage, round_, seed=ctx.seed, plot=True, **ctx.evaluation)
+    return labeller, kp, rows
 
 
 # ----------------------------------------------------------------- subflows
@@ -319,8 +359,8 @@ def evaluate_task(ctx: RunContext, round_: int, model: ULDHeads) -> tuple[np.nda
 def bootstrap_flow(ctx: RunContext) -> None:
     """Bootstrap the heads, evaluate them as round 0, checkpoint ``bootstrap-000``."""
     model, optimizer = train_bootstrap_task(ctx)
-    centers, kp, rows = evaluate_task(ctx, 0, model)
-    save_checkpoint(checkpoint_dir(ctx, BOOTSTRAP, 0), model, optimizer, centers, kp, _state(ctx, 0, rows))
+    labeller, kp, rows = evaluate_task(ctx, 0, model)
+    save_checkpoint(checkpoint_dir(ctx, BOOTSTRAP, 0), model, optimizer, labeller, kp, _state(ctx, 0, rows))
 
 
 @flow(name="duld-round", validate_parameters=False)
@@ -329,11 +369,11 @@ def round_flow(ctx: RunContext, round_: int) -> None:
     prev_stage, prev_round = stage_of(round_ - 1)
     # The previous round's evaluation already ran these heads over the train images and
     # clustered their descriptors: its checkpoint holds both, so nothing is recomputed.
-    model, optimizer, centers, kp = load_checkpoint(checkpoint_dir(ctx, prev_stage, prev_round), ctx.config.lr)
-    pl = pseudo_labels_task(ctx, round_, kp, centers)
+    model, optimizer, labeller, kp = load_checkpoint(checkpoint_dir(ctx, prev_stage, prev_round), ctx.config.lr, ctx.make_labeller())
+    pl = pseudo_labels_task(ctx, round_, kp, labeller)
     train_round_task(ctx, round_, model, optimizer, pl)
-    centers, kp, rows = evaluate_task(ctx, round_, model)
-    save_checkpoint(checkpoint_dir(ctx, ROUND, round_), model, optimizer, centers, kp, _state(ctx, round_, rows))
+    labeller, kp, rows = evaluate_task(ctx, round_, model)
+    save_checkpoint(checkpoint_dir(ctx, ROUND, round_), model, optimizer, labeller, kp, _state(ctx, round_, rows))
 
 
 def _state(ctx: RunContext, round_: int, rows: pd.DataFrame) -> dict:
@@ -356,7 +396,7 @@ def resolve_run(home: Path, run_id: str | None, resume: bool, config: dict) -> t
     if run_id is None:
         if resume:
             raise ConfigError("--resume needs the --run-id of the run to continue", where="--resume", fix="pass --run-id <id> (see `ls <home>/runs`)")
-        return new_run_id(METHOD), False
+        return new_run_id(str(config.get("method", METHOD))), False
     cfg_path = ws.run_file(run_id, "config.json")
     if not cfg_path.exists():
         if resume:
@@ -374,7 +414,8 @@ def resolve_run(home: Path, run_id: str | None, resume: bool, config: dict) -> t
             fix="pass --resume to continue it, or choose a new --run-id",
         )
     old = read_run_config(home, run_id)
-    diff = [k for k in _RESUME_KEYS if json.loads(json.dumps(old.get(k), default=str)) != json.loads(json.dumps(config.get(k), default=str))]
+    keys = [k for k in _RESUME_KEYS if k != "labeller" or "labeller" in old]
+    diff = [k for k in keys if json.loads(json.dumps(old.get(k), default=str)) != json.loads(json.dumps(config.get(k), default=str))]
     if diff:
         raise ConfigError(
             f"run {run_id!r} was made with different settings ({', '.join(diff)}); it cannot be resumed with these",
@@ -414,8 +455,14 @@ def duld(
     relative_threshold: float | None = None,
     device: str = "auto",
     evaluation: dict | None = None,
+    method: str = METHOD,
+    method_params: dict | None = None,
 ) -> pd.DataFrame:
-    """Train D-ULD on a dataset's cached features and evaluate every round.
+    """Train D-ULD (or another :data:`ENGINE_METHODS` method) on a dataset's cached features and evaluate every round.
+
+    ``method``: ``duld`` (k-means pseudo-labels) or ``mallis-d`` (over-clustering into
+    ``method_params["m"]`` training clusters, default 100); recorded in config.json and in
+    every table row, and part of what a ``resume`` must match.
 
     ``evaluation``: settings passed to ``flows.results.evaluate_keypoints``
     (``protocol``, ``box``, ``n_regressor_images``, ``repeats``); None = its defaults.
@@ -443,6 +490,8 @@ def duld(
     from flows.results import write_run_config
 
     home = Path(home)
+    if method not in ENGINE_METHODS:
+        raise ConfigError(f"the self-training engine has no method {method!r}", where="--method", fix=f"use one of: {', '.join(ENGINE_METHODS)}")
     if threads is not None:
         torch.set_num_threads(max(1, int(threads)))
     if rounds < 0:
@@ -460,14 +509,17 @@ def duld(
     )
     train_rows, test_rows = store.indices("train"), store.indices("test")
     backbone_name = backbone if isinstance(backbone, str) else getattr(backbone, "name", str(backbone))
+    labeller_spec = ENGINE_METHODS[method](cfg, dict(method_params or {}))
+    make_labeller(labeller_spec)  # bad settings (e.g. M < K) fail here, before any work
     config = {
-        "method": METHOD,
+        "method": method,
         "dataset": dataset,
         "backbone": backbone_name,
         "feature_store": str(store.path),
         "feature_config_hash": store.config_hash,
         "duld": cfg.to_json(),
         "heads": heads.to_json(),
+        "labeller": labeller_spec,
         "rounds": int(rounds),
         "seed": int(seed),
         "roi": bool(roi),
@@ -494,7 +546,7 @@ def duld(
         path = extract_view_features(dataset, backbone, store.path, cfg.views, home=home, device=device)
         view_store = ViewStore.open(path)
     ctx = RunContext(home, run_id, dataset, store, train_rows, test_rows, cfg, heads, int(seed), progress, rois=rois, views=view_store,
-                     evaluation=dict(evaluation or {}))
+                     evaluation=dict(evaluation or {}), method=method, labeller=labeller_spec)
     done = completed_rounds(ctx, rounds)
     if resuming:
         print(f"resuming run {run_id}: " + ("nothing finished yet" if done < 0 else f"rounds 0..{done} finished"))
@@ -507,14 +559,14 @@ def duld(
         done = 0
     for r in range(done + 1, limit + 1):
         round_flow.with_options(name=f"round-{r}", flow_run_name=f"round-{r}")(ctx, r)
-    print(f"D-ULD run {run_id} finished in {time.perf_counter() - t0:.0f} s")
+    print(f"{method} run {run_id} finished in {time.perf_counter() - t0:.0f} s")
     last = completed_rounds(ctx, rounds)
     if last >= 0:
         from flows.figures import landmark_sheet
 
         stage, _ = stage_of(last)
         sheet = landmark_sheet(home, run_id, dataset, store.image_size, float(store.config["spec"]["crop_margin"]),
-                               ctx.ws.figures_dir(run_id) / "duld-test-landmarks.png", title=f"D-ULD {stage} {last}: landmarks on test crops",
+                               ctx.ws.figures_dir(run_id) / "duld-test-landmarks.png", title=f"{method} {stage} {last}: landmarks on test crops",
                                stage=stage, round_=last)
         print(f"landmarks on test crops: {sheet}")
     table = nme_table(home, run_id)
@@ -528,14 +580,19 @@ NME_TABLE_METRICS = ["nme_forward", "nme_backward", "nme_forward_nofallback", "n
 
 
 def nme_table(home: str | Path, run_id: str) -> pd.DataFrame:
-    """Per-round forward / backward NME (%), Hungarian accuracy and fallback share of a D-ULD run, from metrics.parquet."""
-    from flows.results import metrics_table
+    """Per-round forward / backward NME (%), Hungarian accuracy and fallback share of an engine run, from metrics.parquet."""
+    from flows.results import metrics_table, read_run_config
+
+    try:
+        method = str(read_run_config(home, run_id).get("method", METHOD))
+    except StoreError:
+        method = METHOD
 
     try:
         m = metrics_table(home, run_id)
     except StoreError:
         return pd.DataFrame(columns=["stage", "round", *NME_TABLE_METRICS, "fallback_train", "fallback_test"])
-    m = m[m["method"] == METHOD]
+    m = m[m["method"] == method]
     piv = m[m["metric"].isin(NME_TABLE_METRICS)].pivot_table(index=["stage", "round"], columns="metric", values="value")
     piv = piv[[c for c in NME_TABLE_METRICS if c in piv.columns]]
     fb = m[m["metric"] == "fallback_fraction"].pivot_table(index=["stage", "round"], columns="split", values="value")

@@ -30,6 +30,8 @@ CHECKPOINTS_DIR = "checkpoints"
 # The D-ULD checkpoint files (flows/duld.py writes them; tests/test_predict.py checks the names agree).
 STATE_NAME = "state.json"
 CENTROIDS_NAME = "centroids.npy"
+# Methods whose runs are trained heads + landmark centroids in checkpoints (flows/duld.py's engine).
+HEADS_METHODS = ("duld", "mallis-d")
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ def locate_run_model(run_dir: str | Path, round_: int | None = None) -> RunModel
         if round_ not in (None, 0):
             raise StoreError(f"a ZeroShot run has only round 0, not {round_}", where=str(run_dir), fix="drop --round")
         return RunModel(run_dir, run_id, method, config, model_dir, "zeroshot", 0, resolve_store_path(config["store_path"], run_dir))
-    if method == "duld":
+    if method in HEADS_METHODS:
         done = _finished_checkpoints(run_dir)
         if not done:
             raise StoreError("the D-ULD run has no finished checkpoint", where=str(run_dir / CHECKPOINTS_DIR),
