@@ -57,8 +57,8 @@ def run_steps(step_fn, model, vae, opt, batches, labels: TwoStageLabels, steps: 
     log = []
     for _ in range(steps):
         batch = next(batches)
-        coords, present, pose = labels.lookup(batch["index"].numpy())
-        losses = step_fn(model, vae, batch, torch.from_numpy(coords).float(), torch.from_numpy(present), torch.from_numpy(pose), cfg, gen)
+        coords, present, pose = labels.lookup(batch["index"])  # Q * K label columns
+        losses = step_fn(model, vae, batch, coords, present, pose, cfg, gen)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         opt.step()

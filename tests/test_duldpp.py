@@ -12,11 +12,11 @@ from pipeline.errors import ConfigError
 from pipeline.heads.pose_losses import elbo_loss, latent_contrastive_loss
 from pipeline.heads.pose_vae import PoseVAE, PoseVAEConfig, gaussian_pose_map
 from pipeline.heads.model import ULDHeads, ULDHeadsConfig
-from pipeline.labelling.two_stage import TwoStageLabeller, match_identities
-from pipeline.methods.duld import DULDConfig, KeypointSet
+from pipeline.labelling.base import KeypointSet
+from pipeline.labelling.two_stage import TwoStageLabeller, TwoStageLabels, match_identities
+from pipeline.methods.duld import DULDConfig
 from pipeline.methods.duldpp import (
     DULDPPConfig,
-    expand_tsc_labels,
     latent_step,
     make_duldpp_optimizer,
     pose_codes,
@@ -237,11 +237,17 @@ def test_two_stage_labels_recover_the_construction():
 
     _, d_global = nearest_centroid(kps.desc[idx], labeller.global_centers_, use_gpu=False)
     assert out.distance[out.present].mean() < 0.25 * d_global.mean()
+    # the engine's container: Q * K columns, each image in its pose cluster's block
+    pl = out.to_pseudo_labels()
+    assert pl.present.shape == (len(image_rows), Q * K) and pl.present.sum() == out.present.sum()
+    np.testing.assert_array_equal(pl.landmarks(), labeller.identities_.reshape(-1))
+    n_img, c_loc = np.nonzero(out.present)
+    np.testing.assert_array_equal(pl.coords[n_img, out.pose[n_img] * K + c_loc], out.coords[n_img, c_loc])
     # a training batch's labels by store row
     c_b, p_b, u_b = out.lookup(image_rows[[5, 0]])
-    np.testing.assert_array_equal(u_b, out.pose[[5, 0]])
-    np.testing.assert_array_equal(p_b, out.present[[5, 0]])
-    assert np.isfinite(c_b).all()
+    assert c_b.shape == (2, Q * K, 2) and u_b.tolist() == out.pose[[5, 0]].tolist()
+    np.testing.assert_array_equal(p_b.numpy(), pl.present[[5, 0]])
+    assert torch.isfinite(c_b).all()
     with pytest.raises(ConfigError):
         out.lookup(np.array([image_rows.max() + 1]))
 
@@ -274,6 +280,17 @@ def test_small_pose_cluster_falls_back_to_global_centroids():
     _one_to_one(out.identity[out.present], part_of[idx])
 
 
+def test_two_stage_state_round_trip_and_engine_attributes():
+    kps, codes, image_rows, *_ = _tsc_case()
+    a = TwoStageLabeller(q=3, k=4).fit(kps, codes, image_rows, seed=0)
+    b = TwoStageLabeller(q=3, k=4).set_state(a.get_state())
+    np.testing.assert_array_equal(a.predict(kps, codes, image_rows).keypoint, b.predict(kps, codes, image_rows).keypoint)
+    assert b.label_centers_.shape == (12, 16) and b.landmark_centers_.shape == (4, 16)
+    np.testing.assert_array_equal(b.landmark_of_label_, a.identities_.reshape(-1))
+    with pytest.raises(ConfigError):
+        TwoStageLabeller(q=2, k=4).set_state(a.get_state())
+
+
 def test_two_stage_rejects_bad_input():
     kps, codes, image_rows, *_ = _tsc_case()
     with pytest.raises(ConfigError):
@@ -292,28 +309,35 @@ _SHAPES = {"up1.res0@t0": (8, 8, 8), "up2.res0@t0": (6, 16, 16)}
 
 
 def _tiny_step_setup(B: int = 4, q: int = 2, K: int = 3, seed: int = 0):
+    """Tiny heads + VAE, one batch, and its TSC labels as Q * K columns (through TwoStageLabels.lookup)."""
     torch.manual_seed(seed)
     heads = ULDHeads(ULDHeadsConfig.from_feature_shapes(_SHAPES, crop_size=32, channels=8, hidden=8, descriptor_dim=6))
     vae = PoseVAE(PoseVAEConfig(size=16, k=K, latent=64, widths=(8, 16)))
     g = torch.Generator().manual_seed(seed)
     batch = {"index": torch.arange(B), "features": {k: torch.randn(B, *s, generator=g) for k, s in _SHAPES.items()}}
-    coords = torch.rand(B, K, 2, generator=g) * 20 + 6
-    present = torch.ones(B, K, dtype=torch.bool)
+    coords = (torch.rand(B, K, 2, generator=g) * 20 + 6).numpy()
+    present = np.ones((B, K), bool)
     present[0, 1] = False
-    pose = torch.arange(B) % q
+    labels = TwoStageLabels(
+        rows=np.arange(B), pose=np.arange(B) % q, coords=np.where(present[..., None], coords, np.nan).astype(np.float32),
+        present=present, distance=np.zeros((B, K), np.float32), keypoint=np.zeros((B, K), np.int64),
+        table=np.tile(np.arange(K), (q, 1)),
+    )
+    full_c, full_p, pose = labels.lookup(batch["index"])
     cfg = DULDPPConfig(duld=DULDConfig(k=K, views=None), q=q)
-    return heads, vae, batch, coords, present, pose, cfg
+    return heads, vae, batch, full_c, full_p, pose, cfg
 
 
-def test_expand_tsc_labels_puts_each_image_in_its_pose_columns():
-    coords = torch.arange(2 * 2 * 2, dtype=torch.float32).reshape(2, 2, 2)
-    present = torch.tensor([[True, False], [True, True]])
-    c, p = expand_tsc_labels(coords, present, torch.tensor([1, 0]), q=2)
-    assert c.shape == (2, 4, 2)
-    assert p.tolist() == [[False, False, True, False], [True, True, False, False]]
-    assert torch.equal(c[0, 2], coords[0, 0]) and torch.equal(c[1, 1], coords[1, 1])
+def test_step_labels_are_q_times_k_columns():
+    heads, vae, batch, coords, present, pose, cfg = _tiny_step_setup(B=4, q=2, K=3)
+    assert coords.shape == (4, 6, 2) and present.shape == (4, 6)
+    # image 1 is in pose cluster 1: its landmarks fill columns 3..5 only
+    assert present[1].tolist() == [False, False, False, True, True, True]
+    assert present[0].tolist() == [True, False, True, False, False, False]
     with pytest.raises(ConfigError):
-        expand_tsc_labels(coords, present, torch.tensor([2, 0]), q=2)
+        proxy_task_step(heads, vae, batch, coords, present, pose + 5, cfg, torch.Generator())
+    with pytest.raises(ConfigError):  # more than K landmarks in one image's target
+        vae.target(torch.zeros(1, 6, 2), torch.ones(1, 6, dtype=torch.bool))
 
 
 def _snapshot(module: torch.nn.Module) -> list[torch.Tensor]:

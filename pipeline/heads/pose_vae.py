@@ -180,9 +180,18 @@ class PoseVAE(nn.Module):
         return PoseVAEOutput(self.decode(z), mu, logvar, z)
 
     def target(self, points: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """The decoder's target for normalised landmark ``points`` (B, K, 2): :func:`gaussian_pose_map`."""
-        if points.shape[1] != self.config.k:
-            raise ConfigError(f"expected {self.config.k} landmarks per image, got {points.shape[1]}", where="PoseVAE.target")
+        """The decoder's target for normalised ``points`` (B, L, 2) / ``present`` (B, L): :func:`gaussian_pose_map`.
+
+        ``L`` may exceed K (TSC's Q * K label columns, of which an image fills at
+        most K); more than K present points in one image is refused.
+        """
+        n_present = torch.as_tensor(present).sum(1)
+        if len(n_present) and int(n_present.max()) > self.config.k:
+            raise ConfigError(
+                f"an image has {int(n_present.max())} present landmarks, more than k={self.config.k}",
+                where="PoseVAE.target",
+                fix="pass one image's K landmarks (TSC fills only its pose cluster's columns)",
+            )
         return gaussian_pose_map(points, present, self.config.size, self.config.sigma)
 
     def encoder_parameters(self) -> list[nn.Parameter]:

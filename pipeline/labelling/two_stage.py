@@ -40,22 +40,35 @@ a (Q, K) table ``label -> global landmark id``. Why this way:
   evaluator would see as a missing landmark in every image of that pose;
 - a single shared reference instead of chaining pose clusters pairwise, so an
   error in one match does not propagate to the next cluster.
+
+The other read-out needs no identities: the global K-means itself
+(``landmark_centers_``), as ``pipeline.methods.duld.predict_landmarks`` uses it
+for D-ULD. On the demo's D-ULD heads it gave the better landmarks
+(bench/results/duldpp_tsc.md, duldpp_finetune.md).
+
+With the self-training engine
+-----------------------------
+:meth:`TwoStageLabels.to_pseudo_labels` gives the engine's
+:class:`pipeline.labelling.base.PseudoLabels` with Q * K label columns and
+``landmark_of`` = the identity table; the labeller carries the engine's
+``landmark_centers_`` / ``label_centers_`` / ``landmark_of_label_`` and
+``get_state`` / ``set_state``. Unlike a ``PseudoLabeller``, ``fit`` and
+``predict`` also take the images' pose codes, and ``predict`` labels each
+keypoint only among its own pose cluster's K centroids.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from scipy.optimize import linear_sum_assignment
 
 from pipeline.clustering import FaissKMeans, nearest_centroid
 from pipeline.errors import ConfigError
+from pipeline.labelling.base import KeypointSet, PseudoLabels
 from pipeline.methods.exemplar import exemplar_assign
-
-if TYPE_CHECKING:  # only for annotations: pipeline.methods.duld imports the labelling package
-    from pipeline.methods.duld import KeypointSet
 
 
 def match_identities(pose_centers: np.ndarray, global_centers: np.ndarray) -> np.ndarray:
@@ -92,8 +105,8 @@ class TwoStageLabels:
     of ``coords`` (N, K, 2, crop px, NaN where absent), ``present`` (N, K),
     ``distance`` (N, K, squared descriptor distance to the centroid, NaN where
     absent) and ``keypoint`` (N, K, index into the KeypointSet, -1 where
-    absent) is local landmark ``c`` of the image's pose cluster; ``identity``
-    (N, K) is that column's global landmark id (:func:`match_identities`).
+    absent) is local landmark ``c`` of the image's pose cluster. ``table``
+    (Q, K): the labeller's identity table (:func:`match_identities`).
     """
 
     rows: np.ndarray
@@ -102,31 +115,57 @@ class TwoStageLabels:
     present: np.ndarray
     distance: np.ndarray
     keypoint: np.ndarray
-    identity: np.ndarray
+    table: np.ndarray
+    # built on the first lookup (once per round, not once per training step)
+    _pseudo: PseudoLabels | None = field(default=None, init=False, repr=False, compare=False)
+    _pos: dict[int, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def k(self) -> int:
         return int(self.present.shape[1])
 
     @property
+    def q(self) -> int:
+        return int(self.table.shape[0])
+
+    @property
     def labels(self) -> np.ndarray:
         """(N, K) TSC label ``r = u * K + c`` of each column (the descriptor loss's classes)."""
         return self.pose[:, None] * self.k + np.arange(self.k)[None, :]
 
-    def lookup(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For a batch of store ``rows``: ``(coords (B, K, 2) crop px, 0 where absent; present (B, K); pose (B,))``."""
-        rows = np.asarray(rows, dtype=np.int64).ravel()
-        order = np.argsort(self.rows, kind="stable")
-        at = np.minimum(np.searchsorted(self.rows[order], rows), max(len(self.rows) - 1, 0))
-        if len(rows) and (len(self.rows) == 0 or (self.rows[order][at] != rows).any()):
-            missing = rows[self.rows[order][at] != rows] if len(self.rows) else rows
-            raise ConfigError(
-                f"no TSC labels for store rows {missing[:5].tolist()}",
-                where="TwoStageLabels.lookup",
-                fix="label the same images the round trains on",
-            )
-        i = order[at]
-        return np.nan_to_num(self.coords[i], nan=0.0), self.present[i], self.pose[i]
+    @property
+    def identity(self) -> np.ndarray:
+        """(N, K) global landmark id of each column."""
+        return self.table[self.pose]
+
+    def to_pseudo_labels(self) -> PseudoLabels:
+        """The engine's container: Q * K label columns, column ``u * K + c`` = TSC label ``r``.
+
+        Each image fills the K columns of its own pose cluster; ``landmark_of``
+        (Q * K,) is the identity table, so every training label names its landmark.
+        """
+        n, k = len(self.rows), self.k
+        cols = self.labels  # (N, K)
+        img = np.arange(n)[:, None]
+        coords = np.full((n, self.q * k, 2), np.nan, np.float32)
+        present = np.zeros((n, self.q * k), bool)
+        dist = np.full((n, self.q * k), np.nan, np.float32)
+        coords[img, cols] = self.coords
+        present[img, cols] = self.present
+        dist[img, cols] = self.distance
+        return PseudoLabels(self.rows, coords, present, dist, landmark_of=self.table.reshape(-1).copy())
+
+    def lookup(self, rows: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a training batch of store ``rows``: ``(coords (B, Q*K, 2) crop px, 0 where absent;
+        present (B, Q*K); pose (B,))``, the inputs of ``pipeline.methods.duldpp``'s steps."""
+        if self._pseudo is None:
+            self._pseudo = self.to_pseudo_labels()
+        rows_t = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+        coords, present = self._pseudo.lookup(rows_t)  # raises a ConfigError for rows it has no labels of
+        pos = {int(r): i for i, r in enumerate(self.rows)} if self._pos is None else self._pos
+        self._pos = pos
+        pose = self.pose[np.asarray([pos[int(r)] for r in rows_t], dtype=np.int64)]
+        return coords, present, torch.from_numpy(pose.astype(np.int64))
 
     def by_identity(self) -> tuple[np.ndarray, np.ndarray]:
         """``(coords (N, K, 2), present (N, K))`` with column = global landmark id, for the evaluator."""
@@ -134,9 +173,13 @@ class TwoStageLabels:
         coords = np.full_like(self.coords, np.nan)
         present = np.zeros_like(self.present)
         img = np.arange(n)[:, None]
-        coords[img, self.identity] = self.coords
-        present[img, self.identity] = self.present
+        ident = self.identity
+        coords[img, ident] = self.coords
+        present[img, ident] = self.present
         return coords, present
+
+
+_STATE = ("pose_centers", "centers", "global_centers", "identities", "fallback", "pose_images", "pose_keypoints")
 
 
 def _seed(seed: int, stage: int, part: int = 0) -> int:
@@ -234,6 +277,43 @@ class TwoStageLabeller:
         self.pose_keypoints_ = np.bincount(kp_pose, minlength=q)
         return self
 
+    # ------------------------------------------------- the engine's attribute names
+    @property
+    def landmark_centers_(self) -> np.ndarray:
+        """(K, D) the global K-means: what ``predict_landmarks`` reads K landmarks out with."""
+        self._check_fitted()
+        return self.global_centers_
+
+    @property
+    def label_centers_(self) -> np.ndarray:
+        """(Q * K, D) the stage-2 centroids, row ``u * K + c`` = TSC label ``r``."""
+        self._check_fitted()
+        return self.centers_.reshape(-1, self.centers_.shape[-1])
+
+    @property
+    def landmark_of_label_(self) -> np.ndarray:
+        """(Q * K,) global landmark id of every TSC label (the identity table, flattened)."""
+        self._check_fitted()
+        return self.identities_.reshape(-1)
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """The fitted arrays, for a checkpoint (``set_state`` restores them without re-fitting)."""
+        self._check_fitted()
+        return {name: np.asarray(getattr(self, name + "_")) for name in _STATE}
+
+    def set_state(self, state: dict[str, np.ndarray]) -> "TwoStageLabeller":
+        missing = [name for name in _STATE if name not in state]
+        if missing:
+            raise ConfigError(f"a two-stage labeller state lacks {missing}", where="TwoStageLabeller.set_state",
+                              fix="load the state TwoStageLabeller.get_state wrote")
+        centers = np.asarray(state["centers"], np.float32)
+        if centers.shape[:2] != (int(self.q), int(self.k)):
+            raise ConfigError(f"state has {centers.shape[:2]} (Q, K) centroids, the labeller is ({self.q}, {self.k})",
+                              where="TwoStageLabeller.set_state", fix="build the labeller with the q and k of the checkpoint")
+        for name in _STATE:
+            setattr(self, name + "_", np.asarray(state[name]))
+        return self
+
     # ------------------------------------------------------------------ predict
     def predict_pose(self, codes: np.ndarray) -> np.ndarray:
         """Stage-1 label ``u`` (n,) of each code."""
@@ -267,7 +347,7 @@ class TwoStageLabeller:
             present=present,
             distance=dist.astype(np.float32),
             keypoint=assign,
-            identity=self.identities_[pose] if n else np.zeros((0, k), np.int64),
+            table=self.identities_,
         )
 
     def fit_predict(self, keypoints: KeypointSet, codes: np.ndarray, image_rows: np.ndarray, seed: int = 0) -> TwoStageLabels:

@@ -26,8 +26,9 @@ stage-1 pose cluster ``u_j``. Paper: Adam lr 5e-4.
 
 The D-ULD part reuses :func:`pipeline.methods.duld.self_training_step` (both
 views, the flip rule, the optional matching term): the Q x K label space is
-handed to it as Q * K pseudo-label columns, of which each image fills the K of
-its pose cluster, so its column index is the TSC label.
+handed to it as Q * K pseudo-label columns (:meth:`TwoStageLabels.lookup`, or
+``TwoStageLabels.to_pseudo_labels().lookup``), of which each image fills the K
+of its pose cluster, so its column index is the TSC label.
 """
 
 from __future__ import annotations
@@ -108,36 +109,24 @@ class _CropRecorder(nn.Module):
         return out
 
 
-def expand_tsc_labels(coords: torch.Tensor, present: torch.Tensor, pose: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image K columns -> Q * K columns with column ``u * K + c`` = TSC label ``r``.
-
-    ``coords`` (B, K, 2), ``present`` (B, K), ``pose`` (B,) stage-1 clusters in
-    ``[0, q)``. Returns ``(coords (B, Q*K, 2), present (B, Q*K))``; the columns
-    of other pose clusters are absent (coordinates 0).
-    """
-    B, K = present.shape
-    if coords.shape != (B, K, 2) or pose.shape != (B,):
-        raise ConfigError(f"coords {tuple(coords.shape)}, present {tuple(present.shape)}, pose {tuple(pose.shape)} do not fit", where="expand_tsc_labels")
-    pose = pose.long()
-    if B and (int(pose.min()) < 0 or int(pose.max()) >= q):
-        raise ConfigError(f"pose labels must lie in [0, {q})", where="expand_tsc_labels", fix="use the q the labeller was fitted with")
-    cols = pose[:, None] * K + torch.arange(K)[None, :]  # (B, K)
-    full_c = torch.zeros(B, q * K, 2, dtype=coords.dtype)
-    full_p = torch.zeros(B, q * K, dtype=torch.bool)
-    full_c.scatter_(1, cols[..., None].expand(B, K, 2), coords)
-    full_p.scatter_(1, cols, present.bool())
-    return full_c, full_p
-
-
 def _duld_part(
-    model: ULDHeads, batch: Batch, coords: torch.Tensor, present: torch.Tensor, pose: torch.Tensor, q: int, duld: DULDConfig, generator: torch.Generator
+    model: ULDHeads, batch: Batch, coords: torch.Tensor, present: torch.Tensor, duld: DULDConfig, generator: torch.Generator
 ) -> tuple[dict[str, torch.Tensor], HeadsOutput]:
-    full_c, full_p = expand_tsc_labels(coords, present, pose, q)
     recorder = _CropRecorder(model, batch["features"])
-    losses = self_training_step(recorder, batch, full_c, full_p, duld, generator)
+    losses = self_training_step(recorder, batch, coords, present, duld, generator)
     if recorder.crop_output is None:  # pragma: no cover - guards a change of self_training_step
         raise ConfigError("the D-ULD step did not run the heads on the crop's features", where="pipeline.methods.duldpp")
     return losses, recorder.crop_output
+
+
+def _check_labels(coords: torch.Tensor, present: torch.Tensor, pose: torch.Tensor, q: int) -> None:
+    B, L = present.shape
+    if coords.shape != (B, L, 2) or pose.shape != (B,):
+        raise ConfigError(f"coords {tuple(coords.shape)}, present {tuple(present.shape)}, pose {tuple(pose.shape)} do not fit", where="pipeline.methods.duldpp")
+    if L % q:
+        raise ConfigError(f"{L} label columns are not Q * K for q={q}", where="pipeline.methods.duldpp", fix="pass TwoStageLabels.lookup's Q * K columns")
+    if B and (int(pose.min()) < 0 or int(pose.max()) >= q):
+        raise ConfigError(f"pose labels must lie in [0, {q})", where="pipeline.methods.duldpp", fix="use the q the labeller was fitted with")
 
 
 def proxy_task_step(
@@ -152,11 +141,14 @@ def proxy_task_step(
 ) -> dict[str, torch.Tensor]:
     """Step 1 losses: D-ULD's (TSC labels) + ``elbo_weight`` * ELBO of the VAE on the crop's heatmap.
 
-    ``coords`` (B, K, 2) crop px / ``present`` (B, K) / ``pose`` (B,): the batch's
-    TSC labels (:meth:`TwoStageLabels.lookup`). The VAE samples its code with
-    ``generator``.
+    ``coords`` (B, Q*K, 2) crop px / ``present`` (B, Q*K) / ``pose`` (B,): the
+    batch's TSC labels (:meth:`TwoStageLabels.lookup`); column ``u * K + c`` is
+    TSC label ``r``, the class of the contrastive loss. The VAE's target is the
+    map of the image's present labels (its K landmarks: only its own pose
+    cluster's columns are filled). The VAE samples its code with ``generator``.
     """
-    losses, crop = _duld_part(model, batch, coords, present, pose, config.q, config.duld, generator)
+    _check_labels(coords, present, pose, config.q)
+    losses, crop = _duld_part(model, batch, coords, present, config.duld, generator)
     heat = torch.sigmoid(crop.logits)
     target = vae.target(crop_to_normalised(coords, model.config.crop_size), present)
     out = vae(heat, sample=True, generator=generator)
@@ -182,8 +174,9 @@ def latent_step(
     posterior means (deterministic: Eq. 3 compares codes, a sampled one would
     add the posterior's noise to every distance).
     """
+    _check_labels(coords, present, pose, config.q)
     duld = replace(config.duld, match_weight=0.0)
-    losses, crop = _duld_part(model, batch, coords, present, pose, config.q, duld, generator)
+    losses, crop = _duld_part(model, batch, coords, present, duld, generator)
     mu, _ = vae.encode(torch.sigmoid(crop.logits))
     l_lat = latent_contrastive_loss(mu, pose.long(), config.latent_margin)
     loss = duld.detector_weight * losses["detector"] + config.latent_weight * l_lat
