@@ -291,6 +291,18 @@ def test_two_stage_state_round_trip_and_engine_attributes():
         TwoStageLabeller(q=2, k=4).set_state(a.get_state())
 
 
+def test_two_stage_predicts_images_without_keypoints_as_absent():
+    kps, codes, image_rows, *_ = _tsc_case()
+    labeller = TwoStageLabeller(q=3, k=4).fit(kps, codes, image_rows, seed=0)
+    # a new image (row 7) with a pose code but no detected keypoint
+    rows = np.concatenate([image_rows, [7]])
+    out = labeller.predict(kps, np.concatenate([codes, codes[:1]]), rows)
+    assert not out.present[-1].any() and np.isnan(out.coords[-1]).all() and (out.keypoint[-1] == -1).all()
+    assert out.pose[-1] == out.pose[0]  # same code, same pose cluster
+    coords, present = out.by_identity()
+    assert not present[-1].any()
+
+
 def test_two_stage_rejects_bad_input():
     kps, codes, image_rows, *_ = _tsc_case()
     with pytest.raises(ConfigError):
