@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pipeline.errors import StoreError, ULDError
 from pipeline.report import ReportData, render_html
+from pipeline.report_compare import RunView
 from storage.atomic import write_bytes
 from storage.layout import Workspace
 from storage.run_models import is_run_dir, read_store_recipe, resolve_store_path
@@ -86,3 +87,62 @@ def write_report(run: str | Path, out: str | Path | None = None, home: str | Pat
     out = Path(out) if out is not None else _run_file(run_dir, REPORT_NAME)
     write_bytes(out, render_html(collect(run_dir)).encode("utf-8"))
     return out
+
+
+# ------------------------------------------------------------ several runs
+COMPARE_HTML, COMPARE_MD = "report.html", "report.md"
+
+
+def collect_run_view(run_dir: Path, notes: list[str]) -> "RunView":
+    """One run's tables, its NME-against-regressor-images curve and its contact sheet, for the comparison.
+
+    The curve needs the dataset's manifests in the run's workspace; without them a note says so.
+    """
+    from flows.results import regressor_size_curve
+    from pipeline.report_compare import RunView, _protocol_rows, last_stage
+
+    config = json.loads(_run_file(run_dir, "config.json").read_text())
+    view = RunView(run_id=str(config.get("run_id", run_dir.name)), config=config)
+    for name, kind, attr in (("metrics.parquet", "metrics", "metrics"), ("errors.parquet", "errors", "errors")):
+        path = _run_file(run_dir, name)
+        if path.is_file():
+            setattr(view, attr, read_table(path, kind))
+        else:
+            notes.append(f"{view.run_id}: no {name} (not finished or not evaluated)")
+    key = last_stage(view.metrics)
+    if key is not None and config.get("dataset"):
+        main = _protocol_rows(view.metrics)
+        protocol, box = str(main["protocol"].iloc[0]), str(main["box"].iloc[0])
+        try:
+            view.regressor_curve = regressor_size_curve(run_dir.parent.parent, run_dir.name, str(config["dataset"]), *key,
+                                                        protocol=protocol, box=box, seed=int(config.get("seed", 0)))
+        except ULDError as err:
+            notes.append(f"{view.run_id}: NME against regressor images not computed: {err.what}")
+    fig_dir = Workspace(run_dir.parent.parent).figures_dir(run_dir.name)
+    sheets = sorted(fig_dir.glob("*-landmarks.png")) if fig_dir.is_dir() else []
+    if sheets:
+        view.sheet = (sheets[0].name, sheets[0].read_bytes())
+    return view
+
+
+def write_comparison(runs: list[str | Path], out_dir: str | Path, home: str | Path | None = None) -> tuple[Path, Path]:
+    """Compare several runs: ``out_dir/report.html`` (self-contained) and its Markdown twin
+    ``out_dir/report.md`` with the plots as PNG files beside it. Returns both paths."""
+    from pipeline.report_compare import CompareData, compare_figures, render_compare_html, render_compare_markdown
+
+    dirs = [find_run_dir(r, home) for r in runs]
+    names = [d.resolve() for d in dirs]
+    if len(set(names)) != len(names):
+        raise StoreError("the same run is named twice", where=" ".join(str(r) for r in runs), fix="name each run once")
+    notes: list[str] = []
+    data = CompareData([collect_run_view(d, notes) for d in dirs], notes)
+    figures = compare_figures(data)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise StoreError("--out must be a folder when several runs are compared", where=str(out), fix="pass a folder path (it is created)")
+    for stem, _, png in figures:
+        write_bytes(out / f"{stem}.png", png)
+    html_path, md_path = out / COMPARE_HTML, out / COMPARE_MD
+    write_bytes(html_path, render_compare_html(data, figures).encode("utf-8"))
+    write_bytes(md_path, render_compare_markdown(data, figures).encode("utf-8"))
+    return html_path, md_path

@@ -149,7 +149,12 @@ def keypoint_fallback(kp: pd.DataFrame) -> np.ndarray:
 
 def write_metrics(home: str | Path, run_id: str, rows: list[dict[str, Any]]) -> Path:
     """Append long-format metric rows (replacing rows with the same key)."""
+    from storage.tables import ADDED_COLUMNS
+
     df = pd.DataFrame(rows)
+    # Rows that do not depend on the evaluation protocol (cluster quality, fallback shares)
+    # carry the default protocol / box, which are part of the row key.
+    df = df.assign(**{c: v for c, v in ADDED_COLUMNS["metrics"].items() if c not in df.columns})
     path = Workspace(Path(home)).run_file(run_id, "metrics.parquet")
     return append_table(df, path, "metrics", replace_on=METRIC_KEYS)
 
@@ -317,3 +322,36 @@ def metrics_table(home: str | Path, run_id: str) -> pd.DataFrame:
     m = m[m["repeat"] == -1]
     cols = ["method", "stage", "round", "dataset", "split", "k", "n_regressor_images", "protocol", "box", "metric", "value"]
     return m[cols].reset_index(drop=True)
+
+
+def regressor_size_curve(
+    home: str | Path,
+    run_id: str,
+    dataset: str,
+    method: str,
+    stage: str,
+    round_: int,
+    sizes: tuple[int, ...] | None = None,
+    *,
+    protocol: str = "paper",
+    box: str = "landmarks",
+    seed: int = 0,
+    train_split: str = "train",
+    test_split: str = "test",
+) -> pd.DataFrame:
+    """NME against the number of regressor images for one (method, stage, round) of a run
+    (:func:`pipeline.evaluation.regressor_curve.nme_by_regressor_size` on the run's keypoints);
+    an empty frame when the dataset has no labels or a split has no keypoints."""
+    from pipeline.evaluation.regressor_curve import DEFAULT_SIZES, nme_by_regressor_size
+
+    kp = read_keypoints(home, run_id)
+    kp = kp[(kp["method"] == method) & (kp["stage"] == stage) & (kp["round"] == int(round_))]
+    parts = {}
+    for split in (train_split, test_split):
+        sub = kp[kp["split"] == split]
+        if sub.empty:
+            return pd.DataFrame()
+        parts[split] = _eval_split(Path(home), dataset, split, sub, box)[0]
+    if parts[train_split].gt.shape[1] == 0:
+        return pd.DataFrame()
+    return nme_by_regressor_size(parts[train_split], parts[test_split], sizes or DEFAULT_SIZES, protocol=protocol, seed=seed)

@@ -100,3 +100,40 @@ def test_report_of_a_folder_that_is_not_a_run_exits_2_without_traceback(tmp_path
     assert out.returncode == 2, out.stderr
     assert "not a run folder" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "notarun" / "report.html").exists()
+
+
+def test_report_of_two_runs_writes_html_and_markdown_twin(runs, tmp_path):
+    out = tmp_path / "compare"
+    res = _cli(runs.home, "report", ZEROSHOT_RUN, DULD_RUN, "--out", str(out))
+    assert res.exit_code == 0, res.output
+    page, md = (out / "report.html").read_text(), (out / "report.md").read_text()
+    for text in (page, md):
+        assert ZEROSHOT_RUN in text and DULD_RUN in text
+    assert "src='file:" not in page and _embedded_pngs(page)
+    # the comparison table carries each run's last-stage forward NME (as the report formats it)
+    from pipeline.report import fmt
+
+    for run_id in (ZEROSHOT_RUN, DULD_RUN):
+        m = _test_means(runs.home, run_id)
+        assert f"<td>{fmt(m[m['metric'] == 'nme_forward']['value'].iloc[-1])}</td>" in page
+    # every image the Markdown names is a PNG beside it
+    names = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", md)
+    assert {"ced.png", "hungarian.png", "regressor_images.png", "landmarks_0.png", "landmarks_1.png"} <= set(names)
+    for name in names:
+        assert (out / name).read_bytes().startswith(PNG_MAGIC)
+    assert "NME against the number of regressor images" in page and "CED curves" in page and "NME per round" in page
+
+
+def test_regressor_size_curve_of_a_run(runs):
+    from flows.results import regressor_size_curve
+
+    curve = regressor_size_curve(runs.home, ZEROSHOT_RUN, "synthetic", "zeroshot", "zeroshot", 0, (10, 300))
+    assert set(curve["direction"]) == {"forward", "backward"}
+    # 300 is more than the 24 training images: fitted on the whole pool once
+    assert curve[curve["n_images"] == 300]["n_fit"].tolist() == [24, 24]
+    assert curve[curve["n_images"] == 10]["n_repeats"].tolist() == [5, 5] and curve["nme"].notna().all()
+
+
+def test_report_of_several_runs_needs_an_out_folder(runs):
+    res = _cli(runs.home, "report", ZEROSHOT_RUN, DULD_RUN)
+    assert "needs a folder" in str(res.exception)
