@@ -20,6 +20,7 @@ import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from pipeline.datasets.crop import DEFAULT_CROP_MARGIN
 from pipeline.errors import ConfigError
 from storage.atomic import atomic_path
 from storage.layout import Workspace
@@ -131,7 +132,7 @@ def train_backbone(
     steps: int = 3000,
     batch_size: int = 32,
     image_size: int = 64,
-    margin: float = 0.15,
+    margin: float = DEFAULT_CROP_MARGIN,
     lr: float = 5e-4,
     seed: int = 0,
     name: str | None = None,

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from pipeline.datasets.crop import DEFAULT_CROP_MARGIN
+
 HELP = (
     "Diffusion backbones: train a small category DDPM on a dataset's unlabelled training crops "
     "(resumable), or show what a backbone offers (layers, feature shapes, bytes per image)."
@@ -24,7 +26,7 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(3000, "--steps", min=1, help="Optimiser steps in total (a resumed run continues up to this; raise it to extend a finished run)."),
         batch_size: int = typer.Option(32, "--batch-size", min=1, help="Crops per step."),
         size: int = typer.Option(64, "--size", min=8, help="Crop size in pixels (multiple of 8); features are later extracted at this size."),
-        margin: float = typer.Option(0.15, "--crop-margin", help="Margin around the object box, as a fraction of its size (match `uld features --crop-margin`)."),
+        margin: float = typer.Option(DEFAULT_CROP_MARGIN, "--crop-margin", help="Margin around the object box, as a fraction of its size (match `uld features --crop-margin`)."),
         lr: float = typer.Option(5e-4, "--lr", help="AdamW learning rate (after a 100-step linear warm-up)."),
         name: Optional[str] = typer.Option(None, "--name", help="Backbone name in the workspace (<home>/backbones/NAME) [default: ddpm-DATASET-SIZE]."),
         out: Optional[Path] = typer.Option(None, "--out", help="Also export the trained model to this folder (e.g. to ship it)."),
@@ -126,7 +128,7 @@ def register(app: typer.Typer) -> None:
         timesteps: str = typer.Option("25,50,100,150,250,400,600", "--timesteps", help="Comma-separated timesteps to probe."),
         layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated layers to probe [default: every layer of the backbone]."),
         size: int = typer.Option(64, "--size", help="Crop size in pixels fed to the UNet (as in `uld features`)."),
-        crop_margin: float = typer.Option(0.15, "--crop-margin", help="Margin around the object box, as a fraction of its size (as in `uld features`)."),
+        crop_margin: float = typer.Option(DEFAULT_CROP_MARGIN, "--crop-margin", help="Margin around the object box, as a fraction of its size (as in `uld features`)."),
         reduce_channels: Optional[int] = typer.Option(None, "--reduce-channels", help="Project each layer to this many channels (as in `uld features`)."),
         store: Optional[Path] = typer.Option(None, "--store", help="Probe this feature store folder instead of finding (or extracting) it from the options."),
         n_images: int = typer.Option(100, "--n-images", min=2, help="Validation subset: this many train images (BLAKE2b of id and --seed; never test images)."),

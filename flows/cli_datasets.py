@@ -9,6 +9,7 @@ import numpy as np
 import typer
 
 from flows.cli import settings
+from pipeline.datasets.crop import DEFAULT_CROP_MARGIN
 from pipeline.errors import ConfigError
 from storage.layout import Workspace
 
@@ -89,7 +90,7 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option("test", "--split", help="Split to draw."),
         n: int = typer.Option(32, "--n", min=1, max=512, help="Number of images (spread evenly over the split)."),
         size: int = typer.Option(64, "--size", min=8, max=1024, help="Crop size in pixels."),
-        margin: float = typer.Option(0.1, "--margin", help="Crop margin: fraction of the object box added on each side."),
+        margin: float = typer.Option(DEFAULT_CROP_MARGIN, "--crop-margin", "--margin", help="Crop margin: fraction of the object box added on each side; the default is the features' (what the methods see)."),
         cols: int = typer.Option(8, "--cols", min=1, help="Images per row."),
         out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default: <home>/manifests/<dataset>/<split>_sheet.png)."),
     ) -> None:

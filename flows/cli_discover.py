@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from flows.cli_options import CropMargin, Layers, Size, Timesteps
+from pipeline.datasets.crop import DEFAULT_CROP_MARGIN
 
 
 def register(app: typer.Typer) -> None:
@@ -24,7 +25,7 @@ def register(app: typer.Typer) -> None:
         timesteps: Timesteps = None,
         layers: Layers = None,
         size: Size = 64,
-        crop_margin: CropMargin = 0.15,
+        crop_margin: CropMargin = DEFAULT_CROP_MARGIN,
         rounds: int = typer.Option(3, "--rounds", help="D-ULD: self-training rounds."),
         steps_per_round: int = typer.Option(150, "--steps-per-round", help="D-ULD: training steps per round."),
         bootstrap_steps: int = typer.Option(300, "--bootstrap-steps", help="D-ULD: bootstrap training steps."),

@@ -9,6 +9,7 @@ import typer
 
 from flows.cli_options import Box, CropMargin, Layers, NRegressorImages, Protocol, ReduceChannels, Repeats, Size, Timesteps, eval_options, feature_spec
 
+from pipeline.datasets.crop import DEFAULT_CROP_MARGIN
 from pipeline.errors import ConfigError
 
 
@@ -65,7 +66,7 @@ def register(app: typer.Typer) -> None:
         timesteps: Timesteps = None,
         layers: Layers = None,
         size: Size = 64,
-        crop_margin: CropMargin = 0.15,
+        crop_margin: CropMargin = DEFAULT_CROP_MARGIN,
         reduce_channels: ReduceChannels = None,
         protocol: Protocol = "paper",
         box: Box = "landmarks",

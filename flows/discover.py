@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from flows.report import OVERLAY_DIR
+from pipeline.datasets.crop import DEFAULT_CROP_MARGIN
 from pipeline.errors import ConfigError, DatasetError
 from storage.layout import Workspace, check_name
 
@@ -249,7 +250,7 @@ def discover(
     size: int = 64,
     timesteps: str | None = None,
     layers: str | None = None,
-    crop_margin: float = 0.15,
+    crop_margin: float = DEFAULT_CROP_MARGIN,
     seed: int = 0,
     device: str = "cpu",
     rounds: int = 3,

@@ -25,3 +25,20 @@ def test_contact_sheet_writes_png(tmp_path):
     assert plain.is_file()
     with pytest.raises(ConfigError):
         contact_sheet(images, pts[:, :2], None, ["a", "b", "c"], tmp_path / "bad.png", "x")
+
+
+def test_show_crops_with_the_features_margin():
+    """One crop rule: `uld datasets show` draws crops with the margin the features (and methods) use."""
+    import typer
+
+    from flows import cli_datasets
+    from pipeline.backbones.base import FeatureSpec
+    from pipeline.datasets.crop import DEFAULT_CROP_MARGIN
+
+    app = typer.Typer()
+    cli_datasets.register(app)
+    group = typer.main.get_command(app)
+    show = group.commands["datasets"].commands["show"] if "datasets" in getattr(group, "commands", {}) else group.commands["show"]
+    margin = next(p for p in show.params if p.name == "margin")
+    assert margin.default == DEFAULT_CROP_MARGIN == FeatureSpec().crop_margin
+    assert "--crop-margin" in margin.opts and "--margin" in margin.opts

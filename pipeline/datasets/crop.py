@@ -46,6 +46,11 @@ from pipeline.errors import ConfigError, DatasetError
 #: an older rule are never reused. 1 = edge replication, 2 = mean-colour fill.
 CROP_RULE = 2
 
+#: The crop margin (fraction of the longer object side added on each side) of every
+#: stage: features, the methods' RoIs, the contact sheets and `uld datasets show`, so
+#: what a user looks at is what the methods see. FeatureSpec.crop_margin defaults to it.
+DEFAULT_CROP_MARGIN = 0.15
+
 
 def crop_boxes(bboxes: np.ndarray, margin: float) -> np.ndarray:
     """Square crop boxes (N, 4) ``(x0, y0, x1, y1)`` centred on the object boxes.
