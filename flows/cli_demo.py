@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
                          bootstrap_steps=bootstrap_steps, backbone=backbone)
         t0 = time.perf_counter()
         table = demo(home=s.home, cfg=cfg, device=s.device)
-        typer.echo("\nForward / backward NME (%) on the synthetic test split (lower is better):")
+        typer.echo("\nForward / backward NME (%, lower is better) and per-landmark Hungarian accuracy (higher is better) on the synthetic test split:")
         typer.echo(table.drop(columns=["run_id"]).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
         for fig in table.attrs.get("figures", []):
             typer.echo(f"figure: {fig}")

@@ -37,6 +37,9 @@ from storage.locks import claim, releases_claims
 
 METHOD = "zeroshot"
 STAGE = "zeroshot"
+#: Default candidate clusters per landmark (M = 4 K): measured on the synthetic heads'
+#: validation split, bench/results/zeroshot_selection.md.
+CANDIDATES_PER_LANDMARK = 4
 
 
 # ------------------------------------------------------------ helpers (no Prefect)
@@ -165,7 +168,10 @@ def kmeans_task(home: Path, run_id: str, desc_path: Path, cfg: dict, force: bool
     if (model_dir / ZeroShot.weights_name).is_file() and not force:
         return model_dir
     desc = np.load(desc_path)
-    model = ZeroShot(**cfg["model"]).fit_descriptors(desc)
+    samples = np.load(Workspace(home).run_file(run_id, "zeroshot/train_samples.npz"))
+    # sample -> training image (0..n-1) and its crop position: the cluster choice of `n_candidates` needs them
+    owner = np.unique(samples["store_row"], return_inverse=True)[1]
+    model = ZeroShot(**cfg["model"]).fit_descriptors(desc, owner, samples["xy"])
     _save_npy(Workspace(home).run_file(run_id, "zeroshot/train_labels.npy"), model.train_labels_.astype(np.int32))
     model.save_pretrained(model_dir)
     return model_dir
@@ -249,8 +255,15 @@ def zeroshot(
     device: str = "cpu",
     force: bool = False,
     roi: str = "box",
+    n_candidates: int | None = None,
+    min_presence: float = 0.8,
 ) -> str:
     """ZeroShot (001, Sec 3.1) on a cached feature store; returns the run id.
+
+    ``n_candidates``: k-means clusters M from which the K most compact ones that are
+    present in at least ``min_presence`` of the training images are kept
+    (:mod:`pipeline.clustering.selection`); ``None`` = ``CANDIDATES_PER_LANDMARK`` x k,
+    ``k`` = the paper's plain K-means.
 
     ``roi``: ``"box"`` samples pixels inside the object box (the paper's RoI);
     ``"foreground"`` also drops the pixels an unsupervised foreground split of
@@ -284,6 +297,8 @@ def zeroshot(
             "seed": int(seed),
             "n_init": int(n_init),
             "max_iter": int(max_iter),
+            "n_candidates": int(n_candidates if n_candidates is not None else CANDIDATES_PER_LANDMARK * k),
+            "min_presence": float(min_presence),
         },
         "evaluation": dict(eval_cfg or {}),
     }

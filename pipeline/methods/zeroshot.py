@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pipeline.clustering.kmeans import FaissKMeans, centroid_index, nearest_centroid
+from pipeline.clustering.selection import cluster_spread, select_compact
 from pipeline.errors import ConfigError, StoreError
 from pipeline.methods.exemplar import exemplar_assign
 from pipeline.methods.foreground import mask_lookup
@@ -180,6 +181,7 @@ class ZeroShot:
 
     config_name = "zeroshot_config.json"
     weights_name = "zeroshot_centroids.npy"
+    selection_name = "zeroshot_selection.json"
 
     def __init__(
         self,
@@ -195,9 +197,18 @@ class ZeroShot:
         max_iter: int = 50,
         use_gpu: bool | str = "auto",
         point_chunk: int = 16_384,
+        n_candidates: int | None = None,
+        min_presence: float = 0.8,
     ) -> None:
         if n_clusters < 1 or crop_size < 1 or n_samples_per_image < 1:
             raise ConfigError("n_clusters, crop_size and n_samples_per_image must be >= 1", where="ZeroShot")
+        if n_candidates is not None and int(n_candidates) < int(n_clusters):
+            raise ConfigError(
+                f"n_candidates ({n_candidates}) must be >= n_clusters ({n_clusters})", where="--candidates",
+                fix="give at least K candidate clusters, or none for the paper's plain K-means",
+            )
+        if not 0.0 <= float(min_presence) <= 1.0:
+            raise ConfigError(f"min_presence must be in [0, 1], got {min_presence}", where="--min-presence")
         self.n_clusters = int(n_clusters)
         self.crop_size = int(crop_size)
         self.n_samples_per_image = int(n_samples_per_image)
@@ -210,6 +221,8 @@ class ZeroShot:
         self.max_iter = int(max_iter)
         self.use_gpu = use_gpu
         self.point_chunk = int(point_chunk)
+        self.n_candidates = None if n_candidates is None else int(n_candidates)
+        self.min_presence = float(min_presence)
 
     def get_config(self) -> dict:
         return {
@@ -224,6 +237,8 @@ class ZeroShot:
             "n_init": self.n_init,
             "max_iter": self.max_iter,
             "point_chunk": self.point_chunk,
+            "n_candidates": self.n_candidates,
+            "min_presence": self.min_presence,
         }
 
     # ---------------------------------------------------------- training
@@ -283,19 +298,43 @@ class ZeroShot:
             raise ConfigError(f"got features for {at} images but {n_img} RoIs", where="ZeroShot.sample_descriptors")
         return np.concatenate(descs), np.concatenate(owners), np.concatenate(points)
 
-    def fit_descriptors(self, desc: np.ndarray) -> "ZeroShot":
-        """k-means (FaissKMeans, k-means++ seeded) of sampled descriptors into ``n_clusters`` centroids."""
-        km = FaissKMeans(self.n_clusters, n_init=self.n_init, max_iter=self.max_iter, seed=self.seed, use_gpu=self.use_gpu)
+    def fit_descriptors(self, desc: np.ndarray, owner: np.ndarray | None = None, xy: np.ndarray | None = None) -> "ZeroShot":
+        """k-means (FaissKMeans, k-means++ seeded) of sampled descriptors into the K centroids.
+
+        Paper rule (``n_candidates=None``): K-means with K clusters. With ``n_candidates = M > K``:
+        K-means with M clusters, then the K most compact clusters that are present in at least
+        ``min_presence`` of the images (:mod:`pipeline.clustering.selection`), which needs each
+        sample's image (``owner``) and crop position (``xy``), as returned by
+        :meth:`sample_descriptors`. ``train_labels_`` are the samples' nearest *kept* centroid.
+        """
+        m = self.n_candidates or self.n_clusters
+        km = FaissKMeans(m, n_init=self.n_init, max_iter=self.max_iter, seed=self.seed, use_gpu=self.use_gpu)
         km.fit(desc)
-        self.cluster_centers_ = km.cluster_centers_
-        self.inertia_ = km.inertia_
-        self.train_labels_ = km.labels_
         self.n_train_points_ = int(len(desc))
+        if m == self.n_clusters:
+            self.cluster_centers_ = km.cluster_centers_
+            self.inertia_ = km.inertia_
+            self.train_labels_ = km.labels_
+            self.selected_ = np.arange(m)
+            return self
+        if owner is None or xy is None:
+            raise ConfigError(
+                "choosing K of the candidate clusters needs each sample's image and position",
+                where="ZeroShot.fit_descriptors", fix="pass owner and xy from sample_descriptors (or use fit)",
+            )
+        owner = np.asarray(owner, dtype=np.int64)
+        stats = cluster_spread(km.labels_, owner, xy, m, int(owner.max(initial=-1)) + 1)
+        self.selected_ = select_compact(stats, self.n_clusters, self.min_presence)
+        self.candidate_centers_ = km.cluster_centers_
+        self.candidate_stats_ = stats
+        self.cluster_centers_ = np.ascontiguousarray(km.cluster_centers_[self.selected_])
+        self.train_labels_, sq = nearest_centroid(desc, self.cluster_centers_, use_gpu=self.use_gpu)
+        self.inertia_ = float(np.sum(sq))
         return self
 
     def fit(self, batches: Iterable[FeatureBatch], rois: np.ndarray, progress: bool = True, masks: np.ndarray | None = None) -> "ZeroShot":
-        desc, _, _ = self.sample_descriptors(batches, rois, progress, masks)
-        return self.fit_descriptors(desc)
+        desc, owner, xy = self.sample_descriptors(batches, rois, progress, masks)
+        return self.fit_descriptors(desc, owner, xy)
 
     # ---------------------------------------------------------- inference
     def _check_fitted(self) -> None:
@@ -348,6 +387,8 @@ class ZeroShot:
             with open(tmp, "wb") as fh:
                 np.save(fh, self.cluster_centers_.astype(np.float32))
         write_json(directory / self.config_name, {**self.get_config(), "use_gpu": str(self.use_gpu), "inertia": float(self.inertia_)})
+        if getattr(self, "candidate_stats_", None) is not None:  # what the cluster choice saw, for reports
+            write_json(directory / self.selection_name, {"selected": [int(c) for c in self.selected_], **self.candidate_stats_.to_json()})
         return directory
 
     @classmethod
