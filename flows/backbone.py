@@ -119,10 +119,10 @@ def load_init_model(spec: str, home: Path, image_size: int, channels: tuple[int,
 
 
 @task(name="train-ddpm", cache_policy=NO_CACHE)
-def fit_ddpm(model, crops: np.ndarray, config, checkpoint_dir: Path):
+def fit_ddpm(model, crops: np.ndarray, config, checkpoint_dir: Path, segment_meta: dict | None = None):
     from pipeline.backbones.training import train_ddpm
 
-    return train_ddpm(model, crops, config, checkpoint_dir=checkpoint_dir, progress=True)
+    return train_ddpm(model, crops, config, checkpoint_dir=checkpoint_dir, progress=True, segment_meta=segment_meta)
 
 
 @flow(name="train-backbone")
@@ -194,7 +194,9 @@ def train_backbone(
     if had:
         log.info("resuming from %s", had[-1][1])
     t0 = time.perf_counter()
-    result = fit_ddpm(model, crops, config, ckpt_dir)
+    segment = {"device": str(device), "threads": threads, "machine": machine_description(), "torch": torch.__version__,
+               "init_from": None if init is None else init["backbone"]}
+    result = fit_ddpm(model, crops, config, ckpt_dir, segment_meta=segment)
     wall = time.perf_counter() - t0
 
     record_path = target / "training_record.json"
@@ -216,6 +218,9 @@ def train_backbone(
         "train_wall_seconds_total": None if result.total_wall_seconds is None else round(result.total_wall_seconds, 1),
         "machine": machine_description(),
         "torch": torch.__version__,
+        # Every call that trained this backbone (a resumed run has several): step range,
+        # target steps, device, machine; the top-level fields are the last call's.
+        "segments": result.segments,
     }
     from storage.atomic import write_json
 

@@ -91,6 +91,8 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path):
     assert result.resumed_from == 4 and result.steps == 6
     assert result.total_wall_seconds is not None and result.total_wall_seconds > result.wall_seconds
     assert result.losses == ref_result.losses
+    # both calls are reported: the crashed one up to its last checkpoint, then the resume
+    assert [(g["from_step"], g["to_step"], g["steps_target"]) for g in result.segments] == [(0, 4, 6), (4, 6, 6)]
     a, b = state(ref), state(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -105,6 +107,7 @@ def test_extending_a_finished_run_equals_a_longer_run(tmp_path):
     ext = tiny_model()
     result = train_ddpm(ext, crops, longer, checkpoint_dir=tmp_path / "c", progress=False)
     assert result.resumed_from == 3
+    assert [(g["from_step"], g["to_step"], g["steps_target"], g["checkpoint_every"]) for g in result.segments] == [(0, 3, 3, 10), (3, 5, 5, 10)]
     a, b = state(ref), state(ext)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # re-running a finished run is a no-op that restores the same weights
@@ -224,6 +227,12 @@ def test_train_flow_and_cli(prefect_harness, workspace, tmp_path):
     res = runner.invoke(app, ["--home", str(workspace.home), "backbone", "info", "tiny", "--size", "32"])
     assert res.exit_code == 0, res.output
     assert "up2.res1" in res.output and "bytes/image: 32,768" in res.output  # (32*8*8 + 24*16*16) * 2 t * 2 B
+
+    # extending the run: training_record.json reports both calls' settings, not only the last one's
+    train_backbone(dataset="synthetic", home=workspace.home, steps=4, batch_size=2, image_size=32, checkpoint_every=2, name="tiny")
+    record = json.loads((target / "training_record.json").read_text())
+    assert [(g["from_step"], g["to_step"], g["steps_target"]) for g in record["segments"]] == [(0, 3, 3), (3, 4, 4)]
+    assert all(g["device"] == "cpu" and g["machine"] for g in record["segments"]) and record["steps"] == 4
 
 
 def test_warm_start_from_exported_weights(prefect_harness, workspace, tmp_path):

@@ -111,6 +111,11 @@ class TrainResult:
     # Training time summed over this call and every interrupted call before it
     # (carried in the checkpoints); None when an older checkpoint did not record it.
     total_wall_seconds: float | None = None
+    # One entry per call that trained this trajectory, oldest first (carried in the
+    # checkpoints): step range, the settings that may change between calls (target
+    # steps, checkpoint interval) and the caller's ``segment_meta`` (device, machine).
+    # A checkpoint from before segments were recorded gives one entry with unknown settings.
+    segments: list[dict] = field(default_factory=list)
 
     def final_loss(self, window: int = 100) -> float:
         """Mean loss over the last ``window`` steps (single-step losses are very noisy)."""
@@ -170,7 +175,7 @@ def list_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
 def _save_checkpoint(
     checkpoint_dir: Path, step: int, net: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,
     gen: torch.Generator, losses: list[float], cfg: TrainConfig, fingerprint: str, arch: dict,
-    wall_seconds: float | None = None,
+    wall_seconds: float | None = None, segments: list[dict] | None = None,
 ) -> Path:
     from safetensors.torch import save_file
 
@@ -191,6 +196,7 @@ def _save_checkpoint(
             "data": fingerprint,
             "arch": arch,
             "wall_seconds": wall_seconds,
+            "segments": list(segments or []),
         }
         (tmp / STATE_JSON).write_text(json.dumps(meta))
     for _, old in list_checkpoints(checkpoint_dir)[: -cfg.keep_checkpoints]:
@@ -261,6 +267,7 @@ def train_ddpm(
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    segment_meta: dict | None = None,
 ) -> TrainResult:
     """Train ``model`` (a :class:`~pipeline.backbones.ddpm.CategoryDDPM`) in place.
 
@@ -271,7 +278,9 @@ def train_ddpm(
     with other data or another trajectory-relevant setting raises
     :class:`ConfigError` instead of silently mixing two runs.
     ``on_step(step, loss)`` is called after every step (tests use it to
-    simulate a crash).
+    simulate a crash). ``segment_meta`` (JSON-able) is recorded with this call's
+    entry in ``TrainResult.segments`` (and in the checkpoints, so a later resume
+    reports every call's settings, not only its own).
     """
     from safetensors.torch import load_file
 
@@ -302,6 +311,7 @@ def train_ddpm(
     step = 0
     resumed_from = None
     wall_before: float | None = 0.0
+    earlier: list[dict] = []  # the segments of the calls before this one
 
     if checkpoint_dir is not None:
         ckpts = list_checkpoints(Path(checkpoint_dir))
@@ -332,6 +342,10 @@ def train_ddpm(
             losses = list(state["losses"])
             step = resumed_from = int(state["step"])
             wall_before = state.get("wall_seconds")
+            earlier = list(state.get("segments") or [{"from_step": 0, "to_step": step, "settings": "not recorded (older checkpoint)"}])
+            # The checkpoint's last segment ended at its step (a crash after it is lost work).
+            if earlier and earlier[-1].get("to_step", step) != step:
+                earlier[-1] = {**earlier[-1], "to_step": step}
     net.to(device)
     ema.to(device)
 
@@ -340,6 +354,15 @@ def train_ddpm(
     use_amp = device.type == "cuda" and torch.cuda.is_bf16_supported()
     amp_dtype = torch.bfloat16
     t0 = time.perf_counter()
+    first = step
+
+    def segments_now() -> list[dict]:
+        this = {"from_step": first, "to_step": step, "steps_target": int(config.steps), "checkpoint_every": int(config.checkpoint_every),
+                "batch_size": int(config.batch_size), "lr": float(config.lr), "wall_seconds": round(time.perf_counter() - t0, 1),
+                **(segment_meta or {})}
+        # A call that trained nothing (re-export of a finished run) adds no segment.
+        return earlier if (earlier and step == first) else [*earlier, this]
+
     bar = tqdm(total=config.steps, initial=step, desc="train ddpm", unit="step", disable=not progress, mininterval=2.0)
     while step < config.steps:
         for g in opt.param_groups:
@@ -383,7 +406,7 @@ def train_ddpm(
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if checkpoint_dir is not None and (step % config.checkpoint_every == 0 or step == config.steps):
             total = None if wall_before is None else wall_before + time.perf_counter() - t0
-            _save_checkpoint(Path(checkpoint_dir), step, net, ema, opt, gen, losses, config, fingerprint, arch, total)
+            _save_checkpoint(Path(checkpoint_dir), step, net, ema, opt, gen, losses, config, fingerprint, arch, total, segments_now())
         if on_step is not None:
             on_step(step, value)
     bar.close()
@@ -396,4 +419,5 @@ def train_ddpm(
         wall_seconds=wall,
         config={**asdict(config), "n_images": int(len(crops)), "data_fingerprint": fingerprint},
         total_wall_seconds=None if wall_before is None else wall_before + wall,
+        segments=segments_now(),
     )
