@@ -32,6 +32,7 @@ def register(app: typer.Typer) -> None:
         samples_per_image: int = typer.Option(200, "--samples-per-image", help="ZeroShot: random pixels per training image fed to k-means."),
         overlays: int = typer.Option(48, "--overlays", help="Write this many per-image overlay PNGs (test images first; 0 = none)."),
         flip: bool = typer.Option(True, "--flip-check/--no-flip-check", help="Measure consistency under a horizontal flip (predicts the test images twice)."),
+        force: bool = typer.Option(False, "--force", help="Redo the method run from scratch (e.g. an existing --run-id with other settings); manifests and features are reused."),
     ) -> None:
         """Discover K landmarks on a folder of unlabelled images of one category.
 
@@ -51,7 +52,7 @@ def register(app: typer.Typer) -> None:
             images, method=method, k=k, backbone=backbone, home=s.home, name=name, run_id=run_id, size=size, timesteps=timesteps,
             layers=layers, crop_margin=crop_margin, seed=s.seed, device=resolve_device(s.device), rounds=rounds,
             steps_per_round=steps_per_round, bootstrap_steps=bootstrap_steps, n_samples_per_image=samples_per_image,
-            max_overlays=overlays, flip=flip,
+            max_overlays=overlays, flip=flip, force=force,
         )
         if len(res.skipped):
             typer.echo("skipped images:")

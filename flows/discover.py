@@ -238,6 +238,18 @@ def default_run_id(name: str, method: str, k: int, store: Path, seed: int, setti
     return f"{name}-{method}-k{int(k)}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
+def clear_run(run_dir: Path) -> None:
+    """Delete a run folder so its method starts over (``--force``); refused while another process writes it."""
+    import shutil
+
+    from storage.locks import WriterLock
+
+    if not run_dir.exists():
+        return
+    with WriterLock(run_dir, "run"):  # BusyError (exit 2) when a method is writing it now
+        shutil.rmtree(run_dir)
+
+
 def discover(
     images: str,
     *,
@@ -260,8 +272,14 @@ def discover(
     max_overlays: int = 48,
     flip: bool = True,
     method_options: dict[str, Any] | None = None,
+    force: bool = False,
 ) -> DiscoverResult:
-    """Landmarks for the images ``images`` (folder, file or glob) with ``method``; see the module doc."""
+    """Landmarks for the images ``images`` (folder, file or glob) with ``method``; see the module doc.
+
+    ``force`` redoes the method run from scratch (the run folder's method outputs are
+    replaced; the manifests and features are still reused): what the config-mismatch
+    error of an existing ``--run-id`` suggests.
+    """
     from flows.cli_options import feature_spec
     from flows.features import extract_features
     from flows.report import write_report
@@ -284,10 +302,12 @@ def discover(
         from flows.zeroshot import zeroshot
 
         zeroshot(name, backbone, spec, k=k, home=home, seed=seed, run_id=run_id, store_path=store, evaluate=False, device=device,
-                 n_samples_per_image=n_samples_per_image, **opts)
+                 n_samples_per_image=n_samples_per_image, force=force, **opts)
     else:
         from flows.duld import duld
 
+        if force:
+            clear_run(ws.run_dir(run_id))
         resume = ws.run_file(run_id, "config.json").is_file()
         duld(name, backbone, spec, k=k, rounds=rounds, steps_per_round=steps_per_round, bootstrap_steps=bootstrap_steps, home=home,
              seed=seed, run_id=run_id, resume=resume, store_path=store, device=device, **opts)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 from pathlib import Path
@@ -118,6 +120,13 @@ def test_discover_zeroshot_on_a_folder_writes_landmarks_overlays_and_a_report(fo
         (photos / "img999.png").unlink()
     assert more.exit_code == 0, more.output
     assert len(list((home / "runs").glob("folder-my-photos-*[0-9a-f]"))) == 2
+    # the same --run-id with other settings: the error names --force, and --force redoes the run
+    fixed = (*args, "--run-id", run.name, "--no-flip-check", "--overlays", "0")
+    clash = _cli(home, *[a if a != "40" else "30" for a in fixed])
+    assert "different configuration" in str(clash.exception) and "--force" in str(clash.exception)
+    forced = _cli(home, *[a if a != "40" else "30" for a in fixed], "--force")
+    assert forced.exit_code == 0, forced.output
+    assert json.loads((run / "config.json").read_text())["model"]["n_samples_per_image"] == 30
 
 
 def test_discover_duld_on_a_glob_without_labels(folder, prefect_harness):
