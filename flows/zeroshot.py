@@ -310,16 +310,30 @@ def zeroshot(
         predict_task(home, run_id, dataset, store.path, model_dir, split, cfg, force)
     if evaluate:
         evaluate_task(home, run_id, dataset, METHOD, STAGE, 0, {"seed": int(seed), **(eval_cfg or {})})
-    if "spec" in store.config:  # a store made by `uld features` (hand-made test stores record no crop margin)
-        from flows.figures import landmark_sheet
-
-        try:
-            print("landmarks on test crops: " + str(landmark_sheet(
-                home, run_id, dataset, store.image_size, float(store.config["spec"]["crop_margin"]),
-                Workspace(home).figures_dir(run_id) / "zeroshot-test-landmarks.png", title="ZeroShot: landmarks on test crops", stage=STAGE, round_=0)))
-        except DatasetError as err:  # images moved since the features were cached: the results stand without the figure
-            print(f"no landmark sheet: {err.what} ({err.where})")
+    write_sheet(home, run_id, dataset, store, METHOD, STAGE, "ZeroShot")
     return run_id
+
+
+def write_sheet(home: Path, run_id: str, dataset: str, store: FeatureStore, method: str, stage: str, label: str) -> Path | None:
+    """The run's landmark contact sheet of test crops, ``figures/<method>-test-landmarks.png`` (every method run writes one).
+
+    None (with a printed reason) for a store that records no crop margin (hand-made test
+    stores) or when the images moved since the features were cached: the results stand
+    without the figure.
+    """
+    if "spec" not in store.config:
+        return None
+    from flows.figures import landmark_sheet
+
+    try:
+        path = landmark_sheet(home, run_id, dataset, store.image_size, float(store.config["spec"]["crop_margin"]),
+                              Workspace(home).figures_dir(run_id) / f"{method}-test-landmarks.png",
+                              title=f"{label}: landmarks on test crops", stage=stage, round_=0)
+    except DatasetError as err:
+        print(f"no landmark sheet: {err.what} ({err.where})")
+        return None
+    print(f"landmarks on test crops: {path}")
+    return path
 
 
 @flow(name="reference-baseline", validate_parameters=False, log_prints=True)
@@ -356,4 +370,5 @@ def reference_baseline(
         lms = baseline_landmarks(name, rois, k, seed=int(seed) * 2 + (split == "test"))
         write_keypoints(home, run_id, method, "baseline", 0, store, idx, lms)
     evaluate_task(home, run_id, dataset, method, "baseline", 0, {"seed": int(seed), **(eval_cfg or {})})
+    write_sheet(home, run_id, dataset, store, method, "baseline", f"baseline {name}")
     return run_id
