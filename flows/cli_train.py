@@ -38,7 +38,7 @@ from typing import Any, Optional
 
 import typer
 
-from flows.cli_options import CropMargin, Layers, ReduceChannels, Size, Timesteps, feature_spec
+from flows.cli_options import Box, CropMargin, Layers, Protocol, ReduceChannels, Size, Timesteps, eval_options, feature_spec
 from pipeline.errors import ConfigError
 from pipeline.settings import Settings
 
@@ -145,12 +145,12 @@ def run_method(ctx: typer.Context, method: str, options: dict[str, Any]) -> None
     t0 = time.perf_counter()
     table = entry.run(request)
     if table is not None:
-        from flows.cli_duld import format_nme_table
+        from flows.summary import print_summary
 
-        typer.echo(f"\n{method} per-round NME (%), test split:")
-        typer.echo(format_nme_table(table))
+        # The summary every method command prints (same columns as `uld zeroshot`), one row per round.
         rid = table.attrs.get("run_id", options.get("run_id"))
-        typer.echo(f"\nrun: {rid}  (everything under {request.settings.home / 'runs' / str(rid)})")
+        typer.echo(f"\n{method} per-round NME (%), test split:")
+        print_summary(request.settings.home, str(rid))
     typer.echo(f"time: {time.perf_counter() - t0:.1f} s")
 
 
@@ -188,6 +188,8 @@ def train_cmd(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Detector gate: keep heatmap maxima above this sigmoid score (default: the method's)."),
     relative_threshold: Optional[float] = typer.Option(None, "--relative-threshold", help="Detector gate: keep maxima of at least this fraction of the image's strongest one (default: the method's)."),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads. 1 is fastest on a shared 2-core machine (more threads oversubscribe); raise it on an idle multi-core one."),
+    protocol: Protocol = "paper",
+    box: Box = "landmarks",
     param: Optional[list[str]] = typer.Option(None, "--param", help="Method-specific setting KEY=VALUE (repeatable) for settings no option covers."),
 ) -> None:
     """Train a landmark method and print its per-round NME (forward / backward, test split).
@@ -250,6 +252,7 @@ def run_feature_heads(req: TrainRequest) -> Any:
         channels=o["channels"], descriptor_dim=o["descriptor_dim"], progress=o["progress"], threads=o["threads"], roi=o["roi"], device=s.device,
         views=views, threshold=o["threshold"], relative_threshold=o["relative_threshold"], store_path=o["store"],
         method=req.method, method_params={name: o[name] for name in METHOD_ONLY_OPTIONS if o.get(name) is not None},
+        evaluation=eval_options(o.get("protocol") or "paper", o.get("box") or "landmarks"),
     )
 
 

@@ -14,7 +14,7 @@ import pandas as pd
 
 SUMMARY_COLUMNS: tuple[str, ...] = (
     "nme_forward", "nme_backward", "nme_forward_nofallback", "nme_backward_nofallback",
-    "acc0.2_hungarian", "n_imputed_test", "n_regressor_images", "silhouette", "calinski_harabasz",
+    "acc0.2_hungarian", "fallback_fraction", "n_imputed_test", "n_regressor_images", "silhouette", "calinski_harabasz",
 )
 _INDEX = ["method", "stage", "round", "k", "protocol", "box"]
 
