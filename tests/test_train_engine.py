@@ -62,6 +62,18 @@ def test_mallis_d_trains_writes_tables_and_resumes(runs):
     assert finished == {s: (run / "checkpoints" / s / "state.json").stat().st_mtime_ns for s in finished}  # not redone
     assert sorted(read_table(run / "metrics.parquet", "metrics")["round"].unique()) == [0, 1, 2]
 
+    # ... and equals an uninterrupted 2-round run (the labeller state in the checkpoint is exact)
+    from safetensors.torch import load_file
+
+    res = _train(runs, "--method", "mallis-d", "--m", str(M), "--run-id", "mallis-full", "--rounds", "2")
+    assert res.exit_code == 0, res.output
+    full = Workspace(runs.home).run_dir("mallis-full")
+    a = load_file(str(full / "checkpoints" / "round-002" / "model.safetensors"))
+    b = load_file(str(run / "checkpoints" / "round-002" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    with np.load(full / "checkpoints" / "round-002" / "labeller.npz") as za, np.load(run / "checkpoints" / "round-002" / "labeller.npz") as zb:
+        assert all(np.array_equal(za[n], zb[n]) for n in za.files)
+
     # the run is Mallis (D)'s: resuming it as D-ULD or with another M is refused
     res = _train(runs, "--method", "duld", "--run-id", "mallis-tiny", "--rounds", "2", "--resume")
     assert res.exit_code != 0 and "different settings" in str(res.exception) and "method" in str(res.exception)
