@@ -127,8 +127,10 @@ def _check_run_config(home: Path, run_id: str, config: dict, force: bool) -> Non
         old.pop("run_id", None)
         # Compare as stored: JSON turns tuples (e.g. FeatureSpec.timesteps) into lists.
         new = json.loads(json.dumps(config, default=str))
-        if old != new:
-            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        # Evaluation settings (protocol, box, regressor sizes) do not change the method's
+        # outputs: a re-run under another protocol adds its metric rows to the same run.
+        changed = sorted(k for k in set(old) | set(new) if k != "evaluation" and old.get(k) != new.get(k))
+        if changed:
             raise ConfigError(
                 f"run {run_id!r} exists with a different configuration (differs in {changed})",
                 where=str(path),

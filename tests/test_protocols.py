@@ -152,3 +152,18 @@ def test_cli_evaluate_protocol_option_and_summary(workspace):
     bad = invoke_cli(workspace.home, cli_evaluate.register, "evaluate", "--run", "r", "--dataset", "toyparts", "--protocol", "jakab")
     # refused before anything is evaluated (the real CLI prints this ULDError and exits 2)
     assert isinstance(bad.exception, ConfigError) and "unknown evaluation protocol" in str(bad.exception)
+
+
+def test_zeroshot_rerun_under_another_protocol_adds_its_rows(workspace, prefect_harness):
+    from flows.results import metrics_table
+    from flows.zeroshot import zeroshot
+    from test_zeroshot import N_PARTS, build_workspace, make_toy
+
+    store = build_workspace(workspace, make_toy(30, 12, seed=4))
+    common = dict(home=workspace.home, seed=0, run_id="zs", store_path=store.path, n_init=1, batch_size=8)
+    zeroshot("toyparts", "toy", None, N_PARTS + 1, 60, eval_cfg={"n_regressor_images": 20, "repeats": 2}, **common)
+    # evaluation settings are not part of the method's configuration: the same run, more rows
+    zeroshot("toyparts", "toy", None, N_PARTS + 1, 60, eval_cfg={"protocol": "mallis", "box": "image"}, **common)
+    m = metrics_table(workspace.home, "zs")
+    fwd = m[m["metric"] == "nme_forward"]
+    assert set(zip(fwd["protocol"], fwd["box"])) == {("paper", "landmarks"), ("mallis", "image")}
