@@ -86,3 +86,24 @@ def test_mallis_d_with_m_below_k_is_a_user_error(runs):
 
     res = _train(runs, "--method", "mallis-d", "--m", str(K - 1), "--run-id", "mallis-bad")
     assert isinstance(res.exception, ConfigError) and "M >= K" in str(res.exception)
+
+
+def test_a_mallis_d_run_predicts_new_images_like_its_own_keypoints(runs, tmp_path):
+    """`uld predict --model <mallis-d run>`: its heads + K landmark centroids, as for D-ULD."""
+    from flows import cli_predict
+    from flows.results import read_keypoints
+    from storage.tables import read_table
+    from tests.tiny_runs import N_TEST
+
+    res = _train(runs, "--method", "mallis-d", "--m", str(M), "--run-id", "mallis-predict", "--rounds", "1")
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "pred.parquet"
+    res = invoke_cli(runs.home, cli_predict.register, "predict", "--model", "mallis-predict", "--dataset", "synthetic", "--split", "test",
+                     "--out", str(out), "--no-progress")
+    assert res.exit_code == 0, res.output
+    pred = read_table(out, "predictions").sort_values(["image_id", "landmark_id"]).reset_index(drop=True)
+    kp = read_keypoints(runs.home, "mallis-predict")
+    kp = kp[(kp["split"] == "test") & (kp["round"] == 1)].sort_values(["image_id", "landmark_id"]).reset_index(drop=True)
+    assert len(pred) == len(kp) == N_TEST * K
+    for col in ("x", "y", "present", "fallback"):
+        np.testing.assert_array_equal(pred[col].to_numpy(), kp[col].to_numpy(), err_msg=col)
