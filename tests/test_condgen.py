@@ -122,6 +122,8 @@ def test_c3_losses_fall_and_runs_are_deterministic(perceptual):
     assert cycle[-6:].mean() < cycle[:6].mean()
     b = C3Landmarks(cfg, perceptual=perceptual).fit(images)
     np.testing.assert_array_equal(a.predict(images).coords, b.predict(images).coords)
+    warm = C3Landmarks(CondGenConfig(steps=3, flow_warmup=2, **TINY), perceptual=perceptual).fit(images)
+    assert [r["flow_weight"] for r in warm.history_] == [0.0, 0.0, 1.0]
 
 
 # ----------------------------------------------------------------- the flow
