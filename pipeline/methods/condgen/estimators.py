@@ -3,7 +3,8 @@
 * :class:`JakabLandmarks` (Jakab et al. 2018, seed 003): pairs are an image and
   a random affine warp of it; the generator reconstructs the warped target from
   the *source's* appearance ``Psi(x)`` and the *target's* geometry bottleneck
-  ``g(Phi(x'))`` (Sec. 3.1, Eq. 3: ``min |Gamma(x') - Gamma(G(Psi(x), g(Phi(x'))))|``).
+  ``g(Phi(x'))``; the loss compares the perceptual features ``Gamma`` of ``x'`` and
+  of ``G(Psi(x), g(Phi(x')))`` (seed 003, Sec. III-C "Loss Function").
 * :class:`C3Landmarks` (Xu et al. 2020, "C3", seed 004): unpaired images A, B.
   First swap: ``I_AB = G(Psi(A), g(Phi(B)))`` (A's appearance, B's pose) and
   ``I_BA = G(Psi(B), g(Phi(A)))``; second swap:
@@ -60,12 +61,12 @@ class CondGenConfig:
     """Settings of both trainers. Defaults are CPU-sized for 64 px crops; paper values in comments."""
 
     k: int = 10  # landmarks (Jakab et al.: 10 on MAFL for the comparison table; also 30)
-    width: int = 16  # encoder / generator base width (paper: 32 -> 256 channels at 128 px)
+    width: int = 16  # encoder / generator base width (the paper's networks are much wider, at 128 px)
     appearance_channels: int = 32  # Psi's output channels
     sigma: float = 0.1  # Gaussian bottleneck std in [-1, 1] units (the usual choice for this bottleneck)
-    steps: int = 300  # optimisation steps (the papers train for tens of epochs of CelebA: ~10^5 steps)
-    batch_size: int = 16  # (paper: 32 pairs per batch at 128 px on a GPU)
-    lr: float = 1e-3  # Adam (the papers use Adam at 1e-3 with decay)
+    steps: int = 300  # optimisation steps (a CPU budget; the papers train for many epochs of CelebA on GPUs)
+    batch_size: int = 16  # images (pairs) per step
+    lr: float = 1e-3  # Adam
     perceptual_weight: float = 1.0
     pixel_weight: float = 1.0
     # Jakab's warps: random affine (the paper uses TPS + affine on CelebA; TPS is not implemented here).

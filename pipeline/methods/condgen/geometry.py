@@ -25,7 +25,7 @@ def cell_centres(h: int, w: int, device: torch.device | None = None) -> tuple[to
 def spatial_softmax(heatmaps: torch.Tensor) -> torch.Tensor:
     """(B, K, h, w) raw heatmaps -> per-channel probability maps (softmax over the h*w cells).
 
-    Jakab et al. 2018, Sec. 3.1 (seed 003, Sec. III-C): "each heatmap is
+    Jakab et al. 2018 (seed 003, Sec. III-C): "each heatmap is
     transformed into a probability map by applying softmax spatially".
     """
     b, k, h, w = heatmaps.shape
@@ -35,7 +35,7 @@ def spatial_softmax(heatmaps: torch.Tensor) -> torch.Tensor:
 def expected_coordinates(prob: torch.Tensor) -> torch.Tensor:
     """(B, K, h, w) probability maps -> (B, K, 2) expected ``(x, y)`` in normalised units.
 
-    The landmark is the map's centre of mass (Jakab et al. Sec. 3.1, Eq. 1:
+    The landmark is the map's centre of mass (seed 003, Sec. III-C, "each heatmap's center of mass, or expected value":
     ``u_k = sum_u u * softmax(Phi_k)(u)``), differentiable in the heatmaps.
     """
     _, _, h, w = prob.shape
@@ -48,7 +48,7 @@ def expected_coordinates(prob: torch.Tensor) -> torch.Tensor:
 def gaussian_maps(points: torch.Tensor, h: int, w: int, sigma: float) -> torch.Tensor:
     """(B, K, 2) normalised points -> (B, K, h, w) isotropic Gaussians ``exp(-|p - u_k|^2 / (2 sigma^2))``.
 
-    The bottleneck of Jakab et al. (Sec. 3.1, Eq. 2): only the K coordinates
+    The bottleneck of Jakab et al. (seed 003, Sec. III-C, "a 2D Gaussian blob centered on that spot"): only the K coordinates
     pass from the target image to the generator, rendered as fixed-width blobs,
     so the generator cannot read anything but geometry from them.
     """

@@ -1,16 +1,16 @@
 """The three networks shared by Jakab et al. (seed 003) and C3 (seed 004).
 
 * :class:`KeypointEncoder` ``Phi``: image -> K heatmaps at 1/4 resolution (Jakab
-  et al. Sec. 3.1; their detector is a stack of two-convolution blocks, seed
+  et al., seed 003 Sec. III-C; their detector is a stack of two-convolution blocks, seed
   003 Fig. 2) plus the feature map the heatmaps are read from (C3's flow module
   correlates it, see :mod:`pipeline.methods.condgen.losses`).
 * :class:`AppearanceEncoder` ``Psi``: source image -> appearance features at the
   same 1/4 resolution.
 * :class:`Generator`: appearance features concatenated with the K Gaussian
-  bottleneck maps -> image, upsampled twice (Jakab et al. Sec. 3.1: "a
+  bottleneck maps -> image, upsampled twice (seed 003, Sec. III-C: "a
   regressor network up-samples this combined representation").
 
-Widths are small for a CPU (the paper's nets are 32-256 channels at 128 px).
+Widths are small for a CPU (the paper's networks are much wider, at 128 px).
 GroupNorm, not BatchNorm: a crop's landmarks then never depend on its batch mates.
 """
 

@@ -1,6 +1,6 @@
 """Perceptual loss with the project's own diffusion UNet in place of VGG-19.
 
-Jakab et al. (seed 003, Sec. 3.2 and III-C) train the generator with a
+Jakab et al. (seed 003, Sec. III-C) train the generator with a
 perceptual loss: distances between the activations of a fixed network (an
 ImageNet VGG-19) on the reconstruction and on the target. No pretrained VGG
 ships with this project, so the fixed network here is the frozen pixel-space
