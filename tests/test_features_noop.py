@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 from PIL import Image
 
 from pipeline.backbones.base import FeatureSpec

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 
-import pytest
 
 from flows.retry import is_transient, retry_transient
 from pipeline.errors import DatasetError
