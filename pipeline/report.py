@@ -84,6 +84,15 @@ def _mean_rows(metrics: pd.DataFrame) -> pd.DataFrame:
     return metrics[metrics["repeat"] == -1]
 
 
+def main_protocol_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of one (protocol, box) for the plots: paper / landmarks when present, else the first one."""
+    if frame is None or frame.empty or "protocol" not in frame.columns:
+        return frame
+    pairs = list(dict.fromkeys(zip(frame["protocol"], frame["box"])))
+    pick = ("paper", "landmarks") if ("paper", "landmarks") in pairs else pairs[0]
+    return frame[(frame["protocol"] == pick[0]) & (frame["box"] == pick[1])]
+
+
 def _stage_order(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.sort_values(["round", "stage"], kind="stable")
 
@@ -94,7 +103,12 @@ def headline_table(metrics: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     m = m[(m["split"] == split) & m["metric"].isin(HEADLINE_METRICS)]
     if m.empty:
         return pd.DataFrame()
-    wide = m.pivot_table(index=["method", "stage", "round"], columns="metric", values="value", aggfunc="last")
+    # A run evaluated under several protocols / box rules gets one row per (stage, protocol, box);
+    # the columns appear only then, so a run with one evaluation reads as before.
+    index = ["method", "stage", "round"]
+    if "protocol" in m.columns and len(m[["protocol", "box"]].drop_duplicates()) > 1:
+        index += ["protocol", "box"]
+    wide = m.pivot_table(index=index, columns="metric", values="value", aggfunc="last")
     wide = wide[[c for c in HEADLINE_METRICS if c in wide.columns]].reset_index()
     return _stage_order(wide).reset_index(drop=True)
 
@@ -195,7 +209,7 @@ def _png(fig) -> bytes:
 def hungarian_plot(metrics: pd.DataFrame) -> bytes | None:
     """Bars of per-ground-truth-landmark accuracy after Hungarian matching (the paper's Fig. 4),
     one group per (stage, round): the first and the last evaluated ones."""
-    m = _mean_rows(metrics)
+    m = main_protocol_rows(_mean_rows(metrics))
     m = m[m["split"] == "test"]
     rows = []
     for r in m.itertuples(index=False):
@@ -228,7 +242,7 @@ def hungarian_plot(metrics: pd.DataFrame) -> bytes | None:
 
 def rounds_plot(metrics: pd.DataFrame) -> bytes | None:
     """Forward / backward NME (and without fallbacks) against the round, for runs with several rounds."""
-    table = headline_table(metrics)
+    table = headline_table(main_protocol_rows(metrics))
     nme = [c for c in ("nme_forward", "nme_backward") if c in table.columns and table[c].notna().any()]
     if table.empty or table["round"].nunique() < 2 or not nme:
         return None
@@ -249,7 +263,7 @@ def rounds_plot(metrics: pd.DataFrame) -> bytes | None:
 
 def yaw_plot(metrics: pd.DataFrame) -> bytes | None:
     """Forward / backward NME per yaw bin (``nme_<direction>_yaw<bin>`` metrics) of the last evaluated stage."""
-    m = _mean_rows(metrics)
+    m = main_protocol_rows(_mean_rows(metrics))
     m = m[(m["split"] == "test") & m["metric"].str.match(r"^nme_(forward|backward)_yaw")]
     if m.empty:
         return None
@@ -386,7 +400,8 @@ def render_html(data: ReportData) -> str:
         parts.append(f"<p class='note'>{html.escape(data.feature_note)}</p>")
     parts.append("<h2>Configuration</h2>" + _kv_table(flatten(cfg)))
     if metrics is not None and not metrics.empty:
-        full = _mean_rows(metrics)[["stage", "round", "split", "metric", "value", "k", "n_regressor_images"]]
+        full = _mean_rows(metrics)[["stage", "round", "split", "metric", "value", "k", "n_regressor_images"]
+                                   + [c for c in ("protocol", "box") if c in metrics.columns]]
         parts.append(f"<details><summary>all {len(full)} metric rows (means)</summary>{_html_table(full)}</details>")
     parts.append("</body></html>\n")
     return "".join(parts)

@@ -33,6 +33,7 @@ from pipeline.report import (
     _stage_order,
     flatten,
     fmt,
+    main_protocol_rows,
 )
 
 CED_MAX = 10.0  # % of the normaliser, as flows.results draws a run's own CED curves
@@ -61,12 +62,7 @@ class CompareData:
 
 # ------------------------------------------------------------ selection
 def _protocol_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """The rows of one (protocol, box): paper / landmarks when present, else the first one."""
-    if frame is None or frame.empty or "protocol" not in frame.columns:
-        return frame
-    pairs = list(dict.fromkeys(zip(frame["protocol"], frame["box"])))
-    pick = _MAIN if _MAIN in pairs else pairs[0]
-    return frame[(frame["protocol"] == pick[0]) & (frame["box"] == pick[1])]
+    return main_protocol_rows(frame)
 
 
 def last_stage(metrics: pd.DataFrame | None) -> tuple[str, str, int] | None:
