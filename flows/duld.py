@@ -27,7 +27,8 @@ Everything a step produces lands in ``runs/<run_id>/``:
   (the train keypoints it clustered) and ``state.json``,
   written *last*: a checkpoint without it is unfinished and ignored;
 * ``round-NNN-keypoints.parquet``          step 1: NMS keypoints + descriptors of every train image;
-* ``pseudolabels.parquet``                 step 2 (table kind ``pseudolabels``, one ``round`` per round);
+* ``pseudolabels.parquet``                 step 2 (table kind ``pseudolabels``, one ``round`` per round;
+  ``landmark_id`` = the label's landmark, extra column ``label`` = the training label);
 * ``train-log.parquet``                    step 3: one row per optimisation step (losses);
 * ``keypoints.parquet``, ``metrics.parquet``, ``errors.parquet``  step 4 (via ``flows.results``).
 
@@ -105,6 +106,8 @@ def _overcluster_labeller(cfg: DULDConfig, params: dict) -> dict:
 # Methods this engine runs: name -> (DULDConfig, method params) -> labeller spec for make_labeller.
 # A method that differs from D-ULD only in its pseudo-labels adds one entry here.
 ENGINE_METHODS = {"duld": _kmeans_labeller, "mallis-d": _overcluster_labeller}
+# How logs and figure titles name them.
+METHOD_TITLES = {"duld": "D-ULD", "mallis-d": "Mallis (D)"}
 
 
 @dataclass
@@ -559,14 +562,15 @@ def duld(
         done = 0
     for r in range(done + 1, limit + 1):
         round_flow.with_options(name=f"round-{r}", flow_run_name=f"round-{r}")(ctx, r)
-    print(f"{method} run {run_id} finished in {time.perf_counter() - t0:.0f} s")
+    title = METHOD_TITLES.get(method, method)
+    print(f"{title} run {run_id} finished in {time.perf_counter() - t0:.0f} s")
     last = completed_rounds(ctx, rounds)
     if last >= 0:
         from flows.figures import landmark_sheet
 
         stage, _ = stage_of(last)
         sheet = landmark_sheet(home, run_id, dataset, store.image_size, float(store.config["spec"]["crop_margin"]),
-                               ctx.ws.figures_dir(run_id) / "duld-test-landmarks.png", title=f"{method} {stage} {last}: landmarks on test crops",
+                               ctx.ws.figures_dir(run_id) / "duld-test-landmarks.png", title=f"{title} {stage} {last}: landmarks on test crops",
                                stage=stage, round_=last)
         print(f"landmarks on test crops: {sheet}")
     table = nme_table(home, run_id)
