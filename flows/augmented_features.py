@@ -123,7 +123,7 @@ def open_view_store(home: str | Path, dataset: str, main: FeatureStore, views: V
     return vs if vs.store.is_complete() else None
 
 
-@flow(name="extract-view-features", validate_parameters=False, log_prints=True)
+@flow(name="extract-view-features", flow_run_name="views-{dataset}", validate_parameters=False, log_prints=True)
 def extract_view_features(
     dataset: str,
     backbone: "str | DiffusionBackbone",

@@ -125,7 +125,7 @@ def fit_ddpm(model, crops: np.ndarray, config, checkpoint_dir: Path, segment_met
     return train_ddpm(model, crops, config, checkpoint_dir=checkpoint_dir, progress=True, segment_meta=segment_meta)
 
 
-@flow(name="train-backbone")
+@flow(name="train-backbone", flow_run_name="train-backbone-{dataset}")
 def train_backbone(
     dataset: str,
     home: Path = Path("workspace"),

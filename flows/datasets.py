@@ -71,7 +71,7 @@ def skipped_frame(dataset: str, skipped: list[SkipRecord]) -> pd.DataFrame:
     )
 
 
-@task(name="load-split", cache_policy=NO_CACHE)
+@task(name="load-split", task_run_name="load-{split}", cache_policy=NO_CACHE)
 def load_split(dataset: str, root: Path, split: str, skip_bad: bool) -> tuple[Manifest, list[SkipRecord]]:
     """Run the loader for one split (all validation happens in the loader)."""
     manifest, skipped = get_loader(dataset).load(root, split, skip_bad=skip_bad)
@@ -79,7 +79,7 @@ def load_split(dataset: str, root: Path, split: str, skip_bad: bool) -> tuple[Ma
     return manifest, skipped
 
 
-@flow(name="build-manifests")
+@flow(name="build-manifests", flow_run_name="manifests-{dataset}")
 def build_manifests(
     dataset: str,
     root: Path | None = None,

@@ -200,7 +200,7 @@ def extract_shard_task(
     return compute_shard(store, shard, backbone, spec, layers, paths, batch_size, skip_bad)
 
 
-@flow(name="extract-features", validate_parameters=False, log_prints=True)
+@flow(name="extract-features", flow_run_name="features-{dataset}", validate_parameters=False, log_prints=True)
 def extract_features(
     dataset: str,
     backbone: "str | DiffusionBackbone",

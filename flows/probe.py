@@ -192,7 +192,7 @@ def zeroshot_task(home: Path, dataset: str, store_path: Path, keys: tuple[str, .
 
 
 # ------------------------------------------------------------ the flow
-@flow(name="feature-probe", validate_parameters=False, log_prints=True)
+@flow(name="feature-probe", flow_run_name="probe-{dataset}", validate_parameters=False, log_prints=True)
 def probe(
     dataset: str,
     backbone: str = "shipped",

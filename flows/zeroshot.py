@@ -232,7 +232,7 @@ def evaluate_task(home: Path, run_id: str, dataset: str, method: str, stage: str
 
 
 # ------------------------------------------------------------ flows
-@flow(name="zeroshot", validate_parameters=False, log_prints=True)
+@flow(name="zeroshot", flow_run_name="zeroshot-{dataset}-k{k}", validate_parameters=False, log_prints=True)
 @releases_claims
 def zeroshot(
     dataset: str,
@@ -338,7 +338,7 @@ def write_sheet(home: Path, run_id: str, dataset: str, store: FeatureStore, meth
     return path
 
 
-@flow(name="reference-baseline", validate_parameters=False, log_prints=True)
+@flow(name="reference-baseline", flow_run_name="baseline-{name}-{dataset}", validate_parameters=False, log_prints=True)
 @releases_claims
 def reference_baseline(
     dataset: str,

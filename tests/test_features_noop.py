@@ -36,6 +36,17 @@ def _toy(home: Path, images: Path, n: int = 6) -> None:
         Manifest(frame[frame["split"] == split].reset_index(drop=True), DatasetMeta(name="toy", landmark_names=("a",))).save(ws.manifest("toy", split))
 
 
+def _flow_run_names() -> list[str]:
+    import urllib.request
+
+    from prefect.settings import get_current_settings
+
+    req = urllib.request.Request(f"{get_current_settings().api.url}/flow_runs/filter", data=json.dumps({"limit": 50, "offset": 0}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return [r["name"] for r in json.load(resp)]
+
+
 def _no_model(monkeypatch) -> None:
     """Building any backbone now fails the test."""
     from pipeline.backbones import ddpm, loading
@@ -58,6 +69,7 @@ def test_no_op_skips_the_model_and_a_changed_backbone_gets_a_new_store(prefect_h
     assert recorded_store_path("toy", bb, SPEC, home=home) is None  # nothing recorded yet
     first = extract_features("toy", bb, SPEC, home=home, shard_size=4)
     assert identity_cache(home).lookup(Path(bb)) is not None
+    assert "features-toy" in _flow_run_names()  # the UI lists the run by stage and dataset
 
     with monkeypatch.context() as m:
         _no_model(m)
