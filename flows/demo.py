@@ -97,11 +97,14 @@ def figure_task(home: Path, cfg: DemoConfig, run_ids: dict[str, str], n_images: 
 
 
 @task(name="demo-report", cache_policy=NO_CACHE, persist_result=False)
-def report_task(home: Path, run_ids: dict[str, str]) -> list[Path]:
-    """``report.html`` in each method's run folder (`uld report`)."""
-    from flows.report import write_report
+def report_task(home: Path, run_ids: dict[str, str], name: str = "demo") -> list[Path]:
+    """``report.html`` in each method's run folder (`uld report`), then the comparison of every
+    run (baselines included) in ``reports/<name>/`` (report.html + report.md)."""
+    from flows.report import write_comparison, write_report
 
-    return [write_report(Workspace(home).run_dir(rid)) for label, rid in run_ids.items() if not label.startswith("baseline")]
+    ws = Workspace(home)
+    single = [write_report(ws.run_dir(rid)) for label, rid in run_ids.items() if not label.startswith("baseline")]
+    return [*single, *write_comparison(list(run_ids.values()), ws.report_dir(name), home=home)]
 
 
 @flow(name="demo", validate_parameters=False, log_prints=True)
@@ -145,5 +148,5 @@ def demo(home: str | Path = "workspace", cfg: DemoConfig = DemoConfig(), device:
     figures = figure_task(home, cfg, runs)
     summary = summary_table(home, runs)
     summary.attrs["figures"] = [str(p) for p in figures]
-    summary.attrs["reports"] = [str(p) for p in report_task(home, runs)]
+    summary.attrs["reports"] = [str(p) for p in report_task(home, runs, f"demo-{tag}")]
     return summary

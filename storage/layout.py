@@ -97,6 +97,10 @@ class Workspace:
     def figures_dir(self, run_id: str) -> Path:
         return self.run_dir(run_id) / "figures"
 
+    def report_dir(self, name: str) -> Path:
+        """``reports/<name>/``: a comparison of several runs (`uld report R1 R2 --out`, the demo's)."""
+        return self.home / "reports" / check_name("report name", name)
+
     # caches ---------------------------------------------------------------
     def backbone_identities(self) -> Path:
         return self.home / "cache" / "backbone-identities.json"

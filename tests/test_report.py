@@ -137,3 +137,12 @@ def test_regressor_size_curve_of_a_run(runs):
 def test_report_of_several_runs_needs_an_out_folder(runs):
     res = _cli(runs.home, "report", ZEROSHOT_RUN, DULD_RUN)
     assert "needs a folder" in str(res.exception)
+
+
+def test_demo_report_task_writes_the_run_reports_and_their_comparison(runs):
+    from flows.demo import report_task
+
+    paths = report_task.fn(runs.home, {"ZeroShot": ZEROSHOT_RUN, "D-ULD": DULD_RUN}, "demo-tiny")
+    assert [p.name for p in paths] == ["report.html", "report.html", "report.html", "report.md"]
+    assert paths[2] == runs.home / "reports" / "demo-tiny" / "report.html"
+    assert ZEROSHOT_RUN in paths[3].read_text() and DULD_RUN in paths[3].read_text()
