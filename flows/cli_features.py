@@ -27,6 +27,8 @@ def register(app: typer.Typer) -> None:
         skip_bad: bool = typer.Option(False, "--skip-bad", help="Store zeros and mark invalid any image that cannot be read, instead of stopping."),
         verify: bool = typer.Option(False, "--verify", help="Only check the store of this configuration: list missing, damaged or unfinished pieces (exit 2 if any); extract nothing."),
         deep: bool = typer.Option(False, "--deep", help="Also decode every stored chunk (checks each CRC32C; reads the whole store). With --verify: report; without: re-extract what fails."),
+        dask_address: str = typer.Option(None, "--dask-address", help="Run the shard tasks on this Dask scheduler (tcp://HOST:8786; workers must see the workspace and images). Needs the [dask] extra."),
+        dask_workers: int = typer.Option(None, "--dask-workers", help="Run the shard tasks on a local Dask cluster of N single-threaded worker processes (one per GPU or core). Needs the [dask] extra."),
     ) -> None:
         """Extract diffusion hyperfeatures of every train and test image into a sharded Zarr store.
 
@@ -73,18 +75,15 @@ def register(app: typer.Typer) -> None:
         else:
             from flows.features import extract_features
 
-            path = extract_features(
-                dataset,
-                backbone,
-                spec,
-                home=s.home,
-                device=s.device,
-                batch_size=batch_size,
-                skip_bad=skip_bad,
-                shard_size=shard_size,
-                data_root=s.data_root,
-                deep_check=deep,
-            )
+            options = dict(home=s.home, device=s.device, batch_size=batch_size, skip_bad=skip_bad, shard_size=shard_size,
+                           data_root=s.data_root, deep_check=deep)
+            if dask_address is not None or dask_workers is not None:
+                from flows.features_dask import dask_task_runner, extract_features_dask
+
+                dask_task_runner(dask_address, dask_workers)  # a wrong option fails before the flow run starts
+                path = extract_features_dask(dataset, backbone, spec, dask_address=dask_address, dask_workers=dask_workers, **options)
+            else:
+                path = extract_features(dataset, backbone, spec, **options)
         seconds = time.perf_counter() - t0
         store = FeatureStore.open(path)
         check_usable(store)  # a store whose split has no readable image is an error, also when it was already complete

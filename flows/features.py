@@ -117,12 +117,15 @@ def compute_shard(
     paths: np.ndarray,
     batch_size: int,
     skip_bad: bool,
+    finish: bool = True,
 ) -> dict:
     """Read, crop and encode the images of one shard, then write it. Returns a summary.
 
     An unreadable image raises :class:`DatasetError` naming the file; with
     ``skip_bad`` its features stay zero, ``valid`` is False and the reason is
     recorded in the store's ``skipped`` attribute (nothing dropped silently).
+    ``finish=False`` (a Dask worker, :mod:`flows.features_dask`) writes the data only:
+    the coordinating process records the summary's ``skipped`` and sets the marker.
     """
     import torch
 
@@ -173,8 +176,9 @@ def compute_shard(
                 out[key][sel] = x.astype(np.float16)
     # Reasons first, then the shard (whose completion marker is set last): a crash in
     # between can never leave a "complete" shard whose skipped images lost their reasons.
-    store.record_skipped(skipped)
-    store.write_shard(shard, out, valid=valid)
+    if finish:
+        store.record_skipped(skipped)
+    store.write_shard(shard, out, valid=valid, mark_complete=finish)
     return {"shard": shard, "images": n, "skipped": skipped, "seconds": time.perf_counter() - t0}
 
 
@@ -212,6 +216,7 @@ def extract_features(
     shard_size: int = 64,
     data_root: str | Path | None = None,
     deep_check: bool = False,
+    fan_out: bool = False,
 ) -> Path:
     """Extract (or finish extracting) the hyperfeatures of ``dataset``; returns the store path.
 
@@ -223,6 +228,8 @@ def extract_features(
     Finished shards whose files are missing or damaged (:meth:`FeatureStore.verify`;
     ``deep_check`` also decodes every chunk) are re-extracted like unfinished ones.
     Holds the store's writer lock throughout (:class:`storage.locks.WriterLock`).
+    ``fan_out`` submits the shards to the flow's task runner (a Dask one:
+    :func:`flows.features_dask.extract_features_dask`) instead of running them here.
     """
     from pipeline.datasets.crop import crop_boxes
     from pipeline.settings import resolve_device
@@ -268,8 +275,15 @@ def extract_features(
             print(f"repairing {len(damaged)} finished shard(s) whose files are missing or damaged: {damaged[:10]}")
         paths = manifest.frame["path"].to_numpy(dtype=str)
         print(f"extracting {len(todo)} of {store.n_shards()} shards ({len(store)} images) into {path}")
-        for shard in tqdm(todo, desc=f"features {dataset}", unit="shard"):
-            extract_shard_task(store, shard, model, spec, plan.layers, paths, recorded, skip_bad)
+        if fan_out:
+            from flows.features_dask import BackboneRef, fan_out_shards
+
+            # A spec travels as a reference (each worker loads the model once); an object is pickled.
+            ref = BackboneRef(backbone, device, str(home)) if isinstance(backbone, str) else model
+            fan_out_shards(store, todo, ref, spec, plan.layers, paths, recorded, skip_bad)
+        else:
+            for shard in tqdm(todo, desc=f"features {dataset}", unit="shard"):
+                extract_shard_task(store, shard, model, spec, plan.layers, paths, recorded, skip_bad)
         store.refresh()
         if not store.is_complete():  # only if a file vanished again meanwhile
             raise StoreError("feature store is still incomplete after extraction", where=str(path), fix="re-run the same `uld features` command")

@@ -572,13 +572,16 @@ class FeatureStore:
         """The (C_out, C_in) projection applied to ``layer`` before storing, or None."""
         return self._projections.get(layer)
 
-    def write_shard(self, i: int, features: dict[str, np.ndarray], valid: np.ndarray | None = None) -> None:
+    def write_shard(self, i: int, features: dict[str, np.ndarray], valid: np.ndarray | None = None, mark_complete: bool = True) -> None:
         """Write all keys of shard ``i`` ((n_i, C, h, w) each), then mark it complete.
 
         Features with the *input* channel count of a layer's projection are
         projected first. Values are stored as float16; a value that overflows
         float16 (or is NaN) is refused rather than silently stored as inf/NaN.
         ``valid`` (n_i,) marks images that could not be read; default all True.
+        ``mark_complete=False`` writes the data and leaves the marker unset: a Dask
+        worker writes its shard, and the coordinator (which owns the group attrs)
+        records the skipped images and then calls :meth:`mark_complete`.
         """
         if not self._writable:
             raise StoreError("feature store was opened read-only", where=str(self.path), fix="open it with writable=True to write shards")
@@ -628,6 +631,14 @@ class FeatureStore:
             arr[start:stop] = prepared[key]
         self._valid_arr[start:stop] = v
         self._valid_now[start:stop] = v
+        if mark_complete:
+            self.mark_complete(i)
+
+    def mark_complete(self, i: int) -> None:
+        """Set shard ``i``'s completion marker (its own chunk: no other shard's marker is rewritten)."""
+        if not self._writable:
+            raise StoreError("feature store was opened read-only", where=str(self.path), fix="open it with writable=True")
+        self.shard_range(i)  # range check
         self._complete_arr[i] = True
         self._complete[i] = True
         if self._damaged is not None:
