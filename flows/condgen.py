@@ -195,8 +195,9 @@ def contact_sheet_task(home: Path, run_id: str, dataset: str, method: str, size:
 
 
 # ----------------------------------------------------------------- the flow
-def resolve_run(home: Path, method: str, run_id: str | None, resume: bool, config: dict) -> tuple[str, bool]:
-    """Pick the run id; refuse to overwrite a run or to resume one made with other settings."""
+def resolve_run(home: Path, method: str, run_id: str | None, resume: bool, config: dict,
+                keys: tuple[str, ...] = _RESUME_KEYS) -> tuple[str, bool]:
+    """Pick the run id; refuse to overwrite a run or to resume one whose ``keys`` settings differ."""
     from flows.results import new_run_id, read_run_config
 
     ws = Workspace(home)
@@ -213,7 +214,7 @@ def resolve_run(home: Path, method: str, run_id: str | None, resume: bool, confi
     if not resume:
         raise ConfigError(f"run {run_id!r} already exists", where=str(ws.run_dir(run_id)), fix="pass --resume to continue it, or choose a new --run-id")
     old = read_run_config(home, run_id)
-    diff = [k for k in _RESUME_KEYS if json.loads(json.dumps(old.get(k), default=str)) != json.loads(json.dumps(config.get(k), default=str))]
+    diff = [k for k in keys if json.loads(json.dumps(old.get(k), default=str)) != json.loads(json.dumps(config.get(k), default=str))]
     if diff:
         raise ConfigError(f"run {run_id!r} was made with different settings ({', '.join(diff)}); it cannot be resumed with these",
                           where=str(cfg_path), fix="resume with the run's original options (see its config.json) or start a new run")
