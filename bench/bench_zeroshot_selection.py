@@ -14,6 +14,7 @@ Prints one row per (M, min_presence, seed) and the mean +- std per setting.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from pathlib import Path
@@ -21,6 +22,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+
+
+def machine() -> str:
+    """CPU model and core count, for the results table."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else platform.machine()}, {os.cpu_count()} cores"
 
 
 def main() -> None:
@@ -78,7 +88,7 @@ def main() -> None:
     ).reset_index()
     lines = [
         f"\n## {args.dataset}: store {args.store.name}, K = {args.k}, {len(val)} validation / {len(fit)} fit images of the train split",
-        f"\nMachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread; seeds {args.seeds} (mean +- std).\n",
+        f"\nMachine: {machine()}, {torch.get_num_threads()} torch thread; seeds {args.seeds} (mean +- std).\n",
         "| candidates M | min presence | seeds | forward NME | backward NME | Hungarian acc |",
         "|---|---|---|---|---|---|",
     ]

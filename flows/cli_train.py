@@ -43,7 +43,7 @@ from pipeline.errors import ConfigError
 from pipeline.settings import Settings
 
 # Modules whose import registers more methods (each calls register_method at import time).
-METHOD_MODULES: tuple[str, ...] = ("flows.cli_condgen",)
+METHOD_MODULES: tuple[str, ...] = ("flows.cli_condgen", "flows.cli_stablekeypoints")
 
 # Options of `uld train` that only some methods read; their default is None ("not given").
 METHOD_ONLY_OPTIONS = ("m", "steps")
@@ -162,7 +162,7 @@ def train_cmd(
     backbone: str = typer.Option("shipped", "--backbone", "-b", help="Backbone the features were extracted with (as given to `uld features`)."),
     k: int = typer.Option(10, "-k", "--k", help="Number of landmarks K (the clusters the evaluation reads out)."),
     m: Optional[int] = typer.Option(None, "--m", help="mallis-d: over-clustering into M >> K training clusters (default 100, Mallis et al.)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="jakab, c3: optimisation steps (default 300; the papers train for many epochs on GPUs)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="jakab, c3, stablekeypoints: optimisation steps (default 300; the papers train for many epochs on GPUs)."),
     rounds: int = typer.Option(3, "--rounds", help="Self-training rounds (each: keypoints -> pseudo-labels -> training -> evaluation)."),
     steps_per_round: int = typer.Option(150, "--steps-per-round", help="Optimisation steps per round (paper: 5000; re-cluster after each round)."),
     bootstrap_steps: int = typer.Option(300, "--bootstrap-steps", help="Self-supervised bootstrapping steps before round 1 (paper: 50000)."),
