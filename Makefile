@@ -7,7 +7,7 @@ dataset ?= synthetic
 backbone ?= shipped
 FAISS_EXTRA ?= dev
 
-.PHONY: setup test demo features ui ui-stop clean-workspace help
+.PHONY: setup test demo features ui ui-stop deploy clean-workspace help
 
 help:
 	@echo "make setup                      create .venv (torch CPU wheel first, then the project)"
@@ -15,6 +15,7 @@ help:
 	@echo "make test                       run the test suite"
 	@echo "make features dataset=D [backbone=B]   cache diffusion hyperfeatures for dataset D"
 	@echo "make ui [port=4200]             local Prefect server + UI on 127.0.0.1, reused by every uld command"
+	@echo "make deploy                     serve features/zeroshot/train/demo as deployments, started from that UI"
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -42,6 +43,9 @@ ui: setup
 
 ui-stop: setup
 	$(ULD) ui --stop
+
+deploy: setup
+	$(ULD) deploy
 
 clean-workspace:
 	rm -rf workspace
