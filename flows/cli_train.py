@@ -46,7 +46,7 @@ from pipeline.settings import Settings
 METHOD_MODULES: tuple[str, ...] = ("flows.cli_condgen", "flows.cli_stablekeypoints")
 
 # Options of `uld train` that only some methods read; their default is None ("not given").
-METHOD_ONLY_OPTIONS = ("m", "steps")
+METHOD_ONLY_OPTIONS = ("m", "steps", "q", "proxy_steps", "duld_rounds")
 
 Runner = Callable[["TrainRequest"], Any]
 
@@ -163,6 +163,9 @@ def train_cmd(
     k: int = typer.Option(10, "-k", "--k", help="Number of landmarks K (the clusters the evaluation reads out)."),
     m: Optional[int] = typer.Option(None, "--m", help="mallis-d: over-clustering into M >> K training clusters (default 100, Mallis et al.)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="jakab, c3, stablekeypoints: optimisation steps (default 300; the papers train for many epochs on GPUs)."),
+    q: Optional[int] = typer.Option(None, "--q", help="duld++: pose clusters Q of the two-stage clustering (default 5; paper: 10)."),
+    proxy_steps: Optional[int] = typer.Option(None, "--proxy-steps", help="duld++: steps of the pose-guided proxy task stage (default: --steps-per-round; paper: 50k)."),
+    duld_rounds: Optional[int] = typer.Option(None, "--duld-rounds", help="duld++: D-ULD rounds before the proxy stage (default 2); --rounds then counts the D-ULD++ (TSC) rounds."),
     rounds: int = typer.Option(3, "--rounds", help="Self-training rounds (each: keypoints -> pseudo-labels -> training -> evaluation)."),
     steps_per_round: int = typer.Option(150, "--steps-per-round", help="Optimisation steps per round (paper: 5000; re-cluster after each round)."),
     bootstrap_steps: int = typer.Option(300, "--bootstrap-steps", help="Self-supervised bootstrapping steps before round 1 (paper: 50000)."),
@@ -259,3 +262,6 @@ def run_feature_heads(req: TrainRequest) -> Any:
 register_method("duld", "D-ULD (paper 001, Sec 3.2): bootstrapped heads on cached features, k-means (K) pseudo-labels per round.")(run_feature_heads)
 register_method("mallis-d", "Mallis (D) (paper 001, Table 1): the same engine, K clusters over-clustered into --m (default 100) training labels.",
                 own_options=("m",))(run_feature_heads)
+register_method("duld++", "D-ULD++ (paper 001, Sec 3.3): the engine's D-ULD rounds (--duld-rounds), a pose-guided proxy task "
+                "(pose VAE + ELBO, --proxy-steps), then --rounds rounds of two-stage clustering (--q pose clusters x K) with Eq. 3.",
+                own_options=("q", "proxy_steps", "duld_rounds"))(run_feature_heads)

@@ -44,7 +44,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,9 @@ log = logging.getLogger(__name__)
 METHOD = "duld"
 BOOTSTRAP = "bootstrap"
 ROUND = "round"
+# D-ULD++'s stages after its D-ULD rounds (flows.duldpp_stages): the pose-guided proxy task, then TSC rounds.
+PROXY = "proxy"
+DULDPP = "duldpp"
 STATE_NAME = "state.json"
 OPTIMIZER_NAME = "optimizer.pt"
 CENTROIDS_NAME = "centroids.npy"
@@ -91,7 +94,7 @@ LABELLER_NAME = "labeller.npz"
 # Hyper-parameters that must match for --resume to continue a run ("labeller" only when the
 # run recorded one: runs made before labellers existed were all D-ULD's k-means, whose
 # settings are part of "duld").
-_RESUME_KEYS = ("method", "dataset", "backbone", "feature_config_hash", "duld", "heads", "seed", "roi", "labeller")
+_RESUME_KEYS = ("method", "dataset", "backbone", "feature_config_hash", "duld", "heads", "seed", "roi", "labeller", "duldpp")
 
 
 def _kmeans_labeller(cfg: DULDConfig, params: dict) -> dict:
@@ -105,9 +108,23 @@ def _overcluster_labeller(cfg: DULDConfig, params: dict) -> dict:
 
 # Methods this engine runs: name -> (DULDConfig, method params) -> labeller spec for make_labeller.
 # A method that differs from D-ULD only in its pseudo-labels adds one entry here.
-ENGINE_METHODS = {"duld": _kmeans_labeller, "mallis-d": _overcluster_labeller}
+# D-ULD++ (paper 001, Sec 3.3) runs D-ULD's k-means rounds first, then its own stages (``RunContext.duldpp``).
+ENGINE_METHODS = {"duld": _kmeans_labeller, "mallis-d": _overcluster_labeller, "duld++": _kmeans_labeller}
 # How logs and figure titles name them.
-METHOD_TITLES = {"duld": "D-ULD", "mallis-d": "Mallis (D)"}
+METHOD_TITLES = {"duld": "D-ULD", "mallis-d": "Mallis (D)", "duld++": "D-ULD++"}
+
+
+def duldpp_settings(params: dict, steps_per_round: int) -> dict:
+    """D-ULD++'s schedule and step settings from the method params (``q``, ``proxy_steps``, ``duld_rounds``;
+    CPU-sized defaults: Q = 5, the proxy stage as long as a round, 2 D-ULD rounds). Recorded in config.json."""
+    q = 5 if params.get("q") is None else int(params["q"])
+    proxy = int(steps_per_round) if params.get("proxy_steps") is None else int(params["proxy_steps"])
+    rounds = 2 if params.get("duld_rounds") is None else int(params["duld_rounds"])
+    if q < 1:
+        raise ConfigError(f"--q must be >= 1, got {q}", where="--q")
+    if proxy < 0 or rounds < 0:
+        raise ConfigError(f"--proxy-steps and --duld-rounds must be >= 0, got {proxy}, {rounds}", where="--proxy-steps / --duld-rounds")
+    return {"q": q, "proxy_steps": proxy, "duld_rounds": rounds}
 
 
 @dataclass
@@ -130,10 +147,22 @@ class RunContext:
     evaluation: dict = field(default_factory=dict)  # evaluate_keypoints settings (protocol, box, ...); {} = its defaults
     method: str = METHOD  # written into every table row
     labeller: dict = field(default_factory=dict)  # make_labeller spec; {} = D-ULD's k-means from ``config``
+    duldpp: dict = field(default_factory=dict)  # duldpp_settings of a D-ULD++ run; {} = every round is a D-ULD round
 
     def make_labeller(self) -> PseudoLabeller:
         """A fresh (unfitted) pseudo-labeller of this run's method."""
         return make_labeller(self.labeller or _kmeans_labeller(self.config, {}))
+
+    def stage_of(self, round_: int) -> tuple[str, int]:
+        """The method's schedule: round 0 bootstraps, then D-ULD rounds; a D-ULD++ run follows its
+        ``duld_rounds`` D-ULD rounds with one proxy-task stage and TSC rounds (paper 001, Sec 4)."""
+        if round_ == 0 or not self.duldpp or round_ <= int(self.duldpp["duld_rounds"]):
+            return stage_of(round_)
+        return (PROXY if round_ == int(self.duldpp["duld_rounds"]) + 1 else DULDPP), round_
+
+    def total_rounds(self, rounds: int) -> int:
+        """Index of the last round: ``rounds`` for D-ULD; D-ULD rounds + proxy + ``rounds`` TSC rounds for D-ULD++."""
+        return int(rounds) if not self.duldpp else int(self.duldpp["duld_rounds"]) + 1 + int(rounds)
 
     @property
     def ws(self) -> Workspace:
@@ -175,10 +204,12 @@ def stage_of(round_: int) -> tuple[str, int]:
     return (BOOTSTRAP, 0) if round_ == 0 else (ROUND, round_)
 
 
-def save_checkpoint(path: Path, model: ULDHeads, optimizer: torch.optim.Optimizer, labeller: PseudoLabeller, keypoints: KeypointSet, state: dict) -> None:
+def save_checkpoint(path: Path, model: ULDHeads, optimizer: torch.optim.Optimizer, labeller: PseudoLabeller, keypoints: KeypointSet, state: dict,
+                    extra: Callable[[Path], None] | None = None) -> None:
     """Weights, optimizer, the fitted labeller (K landmark centroids in ``centroids.npy``, which
     the predictor reads, and its whole state in ``labeller.npz``), the train keypoints it was
-    fitted on, then ``state.json`` last (the completion marker)."""
+    fitted on, ``extra(path)`` (a stage's own files: D-ULD++'s VAE and pose codes), then
+    ``state.json`` last (the completion marker)."""
     marker = path / STATE_NAME
     if marker.exists():
         marker.unlink()  # rewriting a checkpoint: it must not look finished half-way
@@ -194,16 +225,23 @@ def save_checkpoint(path: Path, model: ULDHeads, optimizer: torch.optim.Optimize
     with atomic_path(path / KEYPOINTS_NAME) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, rows=keypoints.rows, xy=keypoints.xy, score=keypoints.score, desc=keypoints.desc)
+    if extra is not None:
+        extra(path)
     write_json(marker, state)
 
 
-def load_checkpoint(path: Path, lr: float, labeller: PseudoLabeller) -> tuple[ULDHeads, torch.optim.Optimizer, PseudoLabeller, KeypointSet]:
-    """The checkpoint's heads, optimizer, ``labeller`` restored to its fitted state, train keypoints."""
+def load_checkpoint(path: Path, lr: float, labeller: PseudoLabeller,
+                    optimizer_for: Callable[[ULDHeads], torch.optim.Optimizer | None] | None = None) -> tuple[ULDHeads, torch.optim.Optimizer | None, PseudoLabeller, KeypointSet]:
+    """The checkpoint's heads, optimizer, ``labeller`` restored to its fitted state, train keypoints.
+
+    ``optimizer_for(model)`` builds the optimizer whose state ``optimizer.pt`` holds (default:
+    D-ULD's Adam over all heads); returning None skips it (a stage that starts a new optimizer)."""
     if not (path / STATE_NAME).is_file():
         raise StoreError("checkpoint is unfinished (no state.json)", where=str(path), fix="re-run with --resume to redo that stage")
     model = ULDHeads.from_pretrained(path)
-    optimizer = make_optimizer(model, lr)
-    optimizer.load_state_dict(torch.load(path / OPTIMIZER_NAME, weights_only=True))
+    optimizer = make_optimizer(model, lr) if optimizer_for is None else optimizer_for(model)
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / OPTIMIZER_NAME, weights_only=True))
     if (path / LABELLER_NAME).is_file():
         with np.load(path / LABELLER_NAME) as z:
             labeller.set_state({name: z[name] for name in z.files})
@@ -218,7 +256,7 @@ def completed_rounds(ctx: RunContext, rounds: int) -> int:
     """-1 when even the bootstrap is unfinished, else the last finished round (0 = bootstrap)."""
     last = -1
     for r in range(rounds + 1):
-        stage, rr = stage_of(r)
+        stage, rr = ctx.stage_of(r)
         if (checkpoint_dir(ctx, stage, rr) / STATE_NAME).is_file():
             last = r
         else:
@@ -263,25 +301,32 @@ def keypoints_parquet(ctx: RunContext, round_: int, kp: KeypointSet, labels: np.
     return _write_parquet(df, path)
 
 
-def pseudolabels_frame(ctx: RunContext, round_: int, pl: PseudoLabels) -> pd.DataFrame:
+def pseudolabels_frame(ctx: RunContext, round_: int, pl: PseudoLabels, stage: str = "self-training",
+                       pose: np.ndarray | None = None, codes: np.ndarray | None = None) -> pd.DataFrame:
     """One row per present pseudo-label: ``landmark_id`` its landmark (0..K-1), ``label`` its
-    training label (= landmark_id for D-ULD, one of M for Mallis (D); an extra column)."""
+    training label (= landmark_id for D-ULD, one of M for Mallis (D), the TSC label ``u * K + c``
+    for D-ULD++; an extra column). D-ULD++'s TSC rounds also give each row its image's pose
+    cluster and pose code (``pose`` (N,), ``codes`` (N, 64), aligned with ``pl.rows``); other
+    rows have pose_cluster -1 and a null pose_code."""
     img, lab = np.nonzero(pl.present)
-    return pd.DataFrame(
+    df = pd.DataFrame(
         {
             "run_id": ctx.run_id,
             "method": ctx.method,
-            "stage": "self-training",
+            "stage": stage,
             "round": int(round_),
             "image_id": ctx.store.image_ids[pl.rows[img]],
             "landmark_id": pl.landmarks()[lab].astype(np.int32),
-            "pose_cluster": -1,
+            "pose_cluster": -1 if pose is None else np.asarray(pose)[img].astype(np.int32),
             "x": pl.coords[img, lab, 0],
             "y": pl.coords[img, lab, 1],
             "distance": pl.distance[img, lab],
             "label": lab.astype(np.int32),
         }
     )
+    if codes is not None:
+        df.insert(7, "pose_code", list(np.asarray(codes, np.float32)[img]))
+    return df
 
 
 # ----------------------------------------------------------------- tasks
@@ -293,7 +338,9 @@ def pseudo_labels_task(ctx: RunContext, round_: int, kp: KeypointSet, labeller: 
     labels, sq = labeller.assign(kp)
     pl = labeller.predict(kp, ctx.train_rows)
     keypoints_parquet(ctx, round_, kp, labels, sq)
-    append_table(pseudolabels_frame(ctx, round_, pl), ctx.ws.run_file(ctx.run_id, "pseudolabels.parquet"), "pseudolabels", replace_on=["run_id", "round"])
+    stage = ctx.stage_of(round_)[0]
+    frame = pseudolabels_frame(ctx, round_, pl, stage="self-training" if stage == ROUND else stage)
+    append_table(frame, ctx.ws.run_file(ctx.run_id, "pseudolabels.parquet"), "pseudolabels", replace_on=["run_id", "round"])
     print(f"round {round_}: {len(kp)} keypoints, {pl.present.mean():.1%} of the {pl.n_labels} pseudo-labels present per image")
     return pl
 
@@ -336,15 +383,26 @@ def evaluate_task(ctx: RunContext, round_: int, model: ULDHeads) -> tuple[Pseudo
     saved with the checkpoint: the next round's pseudo-labels start from them) and the
     metric rows.
     """
+    kp = extract_keypoints(model, ordered_batches(ctx, ctx.train_rows), ctx.config, ctx.progress, rois=ctx.rois)
+    labeller = ctx.make_labeller().fit(kp, ctx.train_rows, seed=labeller_seed(ctx, round_))
+    centers = labeller.landmark_centers_
+    rows = write_predictions(ctx, round_, lambda split, rows: predict_landmarks(model, ordered_batches(ctx, rows), centers, ctx.config, ctx.progress, rois=ctx.rois))
+    return labeller, kp, rows
+
+
+def labeller_seed(ctx: RunContext, round_: int) -> int:
+    """Seed of the labeller fitted by round ``round_``'s evaluation."""
+    return ctx.seed + 1000 * round_ + 500
+
+
+def write_predictions(ctx: RunContext, round_: int, predict: Callable[[str, np.ndarray], Any]) -> pd.DataFrame:
+    """``predict(split, rows) -> Prediction`` on both splits -> keypoints.parquet, the fallback share, NME (metric rows)."""
     from flows.results import evaluate_keypoints, write_keypoints, write_metrics
 
-    stage, _ = stage_of(round_)
-    kp = extract_keypoints(model, ordered_batches(ctx, ctx.train_rows), ctx.config, ctx.progress, rois=ctx.rois)
-    labeller = ctx.make_labeller().fit(kp, ctx.train_rows, seed=ctx.seed + 1000 * round_ + 500)
-    centers = labeller.landmark_centers_
+    stage, _ = ctx.stage_of(round_)
     extra = []
     for split, rows in (("train", ctx.train_rows), ("test", ctx.test_rows)):
-        pred = predict_landmarks(model, ordered_batches(ctx, rows), centers, ctx.config, ctx.progress, rois=ctx.rois)
+        pred = predict(split, rows)
         write_keypoints(ctx.home, ctx.run_id, ctx.method, stage, round_, ctx.store, pred.rows, pred.landmarks)
         extra.append(
             {"run_id": ctx.run_id, "method": ctx.method, "stage": stage, "round": int(round_), "dataset": ctx.dataset, "split": split,
@@ -353,8 +411,7 @@ def evaluate_task(ctx: RunContext, round_: int, model: ULDHeads) -> tuple[Pseudo
              "protocol": get_protocol(ctx.evaluation.get("protocol")).name, "box": check_box(ctx.evaluation.get("box"))}
         )
     write_metrics(ctx.home, ctx.run_id, extra)
-    rows = evaluate_keypoints(ctx.home, ctx.run_id, ctx.dataset, ctx.method, stage, round_, seed=ctx.seed, plot=True, **ctx.evaluation)
-    return labeller, kp, rows
+    return evaluate_keypoints(ctx.home, ctx.run_id, ctx.dataset, ctx.method, stage, round_, seed=ctx.seed, plot=True, **ctx.evaluation)
 
 
 # ----------------------------------------------------------------- subflows
@@ -368,8 +425,14 @@ def bootstrap_flow(ctx: RunContext) -> None:
 
 @flow(name="duld-round", validate_parameters=False)
 def round_flow(ctx: RunContext, round_: int) -> None:
-    """One self-training round, starting from the previous round's checkpoint."""
-    prev_stage, prev_round = stage_of(round_ - 1)
+    """One self-training round, starting from the previous round's checkpoint (D-ULD++'s own
+    stages, ``ctx.stage_of``, run from ``flows.duldpp_stages``)."""
+    stage, _ = ctx.stage_of(round_)
+    if stage != ROUND:
+        from flows.duldpp_stages import run_stage
+
+        return run_stage(ctx, round_)
+    prev_stage, prev_round = ctx.stage_of(round_ - 1)
     # The previous round's evaluation already ran these heads over the train images and
     # clustered their descriptors: its checkpoint holds both, so nothing is recomputed.
     model, optimizer, labeller, kp = load_checkpoint(checkpoint_dir(ctx, prev_stage, prev_round), ctx.config.lr, ctx.make_labeller())
@@ -465,7 +528,10 @@ def duld(
 
     ``method``: ``duld`` (k-means pseudo-labels) or ``mallis-d`` (over-clustering into
     ``method_params["m"]`` training clusters, default 100); recorded in config.json and in
-    every table row, and part of what a ``resume`` must match.
+    every table row, and part of what a ``resume`` must match. ``duld++`` (paper 001, Sec 3.3):
+    ``method_params["duld_rounds"]`` D-ULD rounds (default 2), the proxy-task stage
+    (``proxy_steps``, default ``steps_per_round``), then ``rounds`` TSC rounds with ``q`` pose
+    clusters (default 5); see :mod:`flows.duldpp_stages`.
 
     ``evaluation``: settings passed to ``flows.results.evaluate_keypoints``
     (``protocol``, ``box``, ``n_regressor_images``, ``repeats``); None = its defaults.
@@ -514,6 +580,11 @@ def duld(
     backbone_name = backbone if isinstance(backbone, str) else getattr(backbone, "name", str(backbone))
     labeller_spec = ENGINE_METHODS[method](cfg, dict(method_params or {}))
     make_labeller(labeller_spec)  # bad settings (e.g. M < K) fail here, before any work
+    pp = duldpp_settings(dict(method_params or {}), steps_per_round) if method == "duld++" else {}
+    if pp:
+        from pipeline.methods.duldpp import pose_vae_config
+
+        pose_vae_config(heads.out_size, k)  # an odd heatmap size fails here, before any work
     config = {
         "method": method,
         "dataset": dataset,
@@ -523,6 +594,7 @@ def duld(
         "duld": cfg.to_json(),
         "heads": heads.to_json(),
         "labeller": labeller_spec,
+        **({"duldpp": pp} if pp else {}),
         "rounds": int(rounds),
         "seed": int(seed),
         "roi": bool(roi),
@@ -549,26 +621,28 @@ def duld(
         path = extract_view_features(dataset, backbone, store.path, cfg.views, home=home, device=device)
         view_store = ViewStore.open(path)
     ctx = RunContext(home, run_id, dataset, store, train_rows, test_rows, cfg, heads, int(seed), progress, rois=rois, views=view_store,
-                     evaluation=dict(evaluation or {}), method=method, labeller=labeller_spec)
-    done = completed_rounds(ctx, rounds)
+                     evaluation=dict(evaluation or {}), method=method, labeller=labeller_spec, duldpp=pp)
+    total = ctx.total_rounds(rounds)
+    done = completed_rounds(ctx, total)
     if resuming:
         print(f"resuming run {run_id}: " + ("nothing finished yet" if done < 0 else f"rounds 0..{done} finished"))
     else:
         print(f"run {run_id}: {len(train_rows)} train / {len(test_rows)} test images, heads at {res}x{res}")
     t0 = time.perf_counter()
-    limit = rounds if max_rounds is None else min(rounds, int(max_rounds))
+    limit = total if max_rounds is None else min(total, int(max_rounds))
     if done < 0 and limit >= 0:
         bootstrap_flow.with_options(flow_run_name="bootstrap")(ctx)
         done = 0
     for r in range(done + 1, limit + 1):
-        round_flow.with_options(name=f"round-{r}", flow_run_name=f"round-{r}")(ctx, r)
+        name = f"round-{r}" if ctx.stage_of(r)[0] == ROUND else f"{ctx.stage_of(r)[0]}-{r}"
+        round_flow.with_options(name=name, flow_run_name=name)(ctx, r)
     title = METHOD_TITLES.get(method, method)
     print(f"{title} run {run_id} finished in {time.perf_counter() - t0:.0f} s")
-    last = completed_rounds(ctx, rounds)
+    last = completed_rounds(ctx, total)
     if last >= 0:
         from flows.figures import landmark_sheet
 
-        stage, _ = stage_of(last)
+        stage, _ = ctx.stage_of(last)
         sheet = landmark_sheet(home, run_id, dataset, store.image_size, float(store.config["spec"]["crop_margin"]),
                                ctx.ws.figures_dir(run_id) / "duld-test-landmarks.png", title=f"{title} {stage} {last}: landmarks on test crops",
                                stage=stage, round_=last)

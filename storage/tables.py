@@ -102,13 +102,15 @@ SCHEMAS: dict[str, pa.Schema] = {
         ]
     ),
     # Pseudo-labels of a self-training round: cluster id per kept keypoint.
-    # x, y in crop pixels of the feature store's crops; pose_cluster = -1 without TSC.
+    # x, y in crop pixels of the feature store's crops; pose_cluster = -1 without TSC;
+    # pose_code: the image's D-ULD++ pose code (64 floats) in TSC rounds, null otherwise.
     "pseudolabels": pa.schema(
         _RUN
         + [
             pa.field("image_id", pa.string()),
             pa.field("landmark_id", pa.int32()),
             pa.field("pose_cluster", pa.int32()),
+            pa.field("pose_code", pa.list_(pa.float32())),
             pa.field("x", pa.float32()),
             pa.field("y", pa.float32()),
             pa.field("distance", pa.float32()),
@@ -179,9 +181,11 @@ SCHEMAS: dict[str, pa.Schema] = {
 # Columns added to a schema after tables of that kind were written: the value older
 # tables are read with, and rows from writers that do not set it are written with
 # (keypoints before `fallback` existed had no fallbacks flagged; metrics and errors
-# before `protocol` / `box` existed were all evaluated under `paper` / `landmarks`).
+# before `protocol` / `box` existed were all evaluated under `paper` / `landmarks`;
+# pseudo-labels before `pose_code` existed had no pose codes).
 _PROTOCOL_DEFAULTS = {"protocol": "paper", "box": "landmarks"}
-ADDED_COLUMNS: dict[str, dict[str, Any]] = {"keypoints": {"fallback": False}, "metrics": _PROTOCOL_DEFAULTS, "errors": _PROTOCOL_DEFAULTS}
+ADDED_COLUMNS: dict[str, dict[str, Any]] = {"keypoints": {"fallback": False}, "metrics": _PROTOCOL_DEFAULTS, "errors": _PROTOCOL_DEFAULTS,
+                                             "pseudolabels": {"pose_code": None}}
 
 _META_KEY = b"uld"
 

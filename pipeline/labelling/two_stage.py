@@ -320,6 +320,34 @@ class TwoStageLabeller:
         self._check_fitted()
         return nearest_centroid(np.asarray(codes, np.float32), self.pose_centers_, use_gpu=False)[0]
 
+    def assign(self, keypoints: KeypointSet, codes: np.ndarray, image_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per keypoint its TSC label ``r = u * K + c`` (nearest of its image's pose cluster's K centroids)
+        and the squared distance to it (the engine's ``round-NNN-keypoints.parquet`` columns)."""
+        self._check_fitted()
+        codes, img = self._image_index(keypoints, codes, image_rows)
+        pose = self.predict_pose(codes) if len(codes) else np.zeros(0, np.int64)
+        kp_pose = pose[img]
+        local = np.zeros(len(keypoints), np.int64)
+        sq = np.zeros(len(keypoints), np.float32)
+        desc = np.asarray(keypoints.desc, dtype=np.float32)
+        for u in np.unique(kp_pose):
+            sel = np.flatnonzero(kp_pose == u)
+            local[sel], sq[sel] = nearest_centroid(desc[sel], self.centers_[u], use_gpu=False)
+        return kp_pose * int(self.k) + local, sq
+
+    def identity_centers(self, codes: np.ndarray) -> np.ndarray:
+        """(n, K, D) per image its pose cluster's stage-2 centroids, row ``g`` = global landmark ``g``.
+
+        The read-out with identities: exemplar assignment against these centroids gives, per
+        image, K landmarks that mean the same part in every pose (``identities_[u, c] = g``
+        puts local centroid ``c`` at row ``g``).
+        """
+        self._check_fitted()
+        pose = self.predict_pose(codes)
+        inverse = np.argsort(self.identities_, axis=1)  # [u, g] = local c with identity g
+        by_identity = np.take_along_axis(self.centers_, inverse[:, :, None], axis=1)  # (Q, K, D)
+        return by_identity[pose]
+
     def predict(self, keypoints: KeypointSet, codes: np.ndarray, image_rows: np.ndarray) -> TwoStageLabels:
         """TSC labels: pose cluster per image, then per image and landmark the keypoint nearest its centroid."""
         self._check_fitted()

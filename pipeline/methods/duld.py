@@ -33,7 +33,7 @@ The defaults below are CPU-sized (hundreds of steps) for 64 px crops.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -387,6 +387,7 @@ def predict_landmarks(
     config: DULDConfig,
     progress: bool = True,
     rois: np.ndarray | None = None,
+    image_centers: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Prediction:
     """K landmarks per image (crop pixels).
 
@@ -398,6 +399,11 @@ def predict_landmarks(
     entries are flagged in ``fallback`` and still count as present, so every
     image has K coordinates for the regressors. ``rois`` restricts both to the RoI
     (see :func:`extract_keypoints`).
+
+    ``image_centers``: per-image centroids instead of the shared ``centers`` (K, D): called
+    with a batch's store rows, returns (B, K, D). D-ULD++ reads its K landmarks this way:
+    each image with its pose cluster's stage-2 centroids in identity order (paper 001,
+    Sec 3.3.2; ``TwoStageLabeller.identity_centers``). ``centers`` still gives K.
     """
     from tqdm.auto import tqdm
 
@@ -411,7 +417,13 @@ def predict_landmarks(
         B, T = kp.valid.shape
         v = kp.valid.numpy()
         flat_desc = d.reshape(B * T, -1).numpy()
-        lab, sq = nearest_centroid(flat_desc, C.numpy(), use_gpu=False)
+        Cb = None if image_centers is None else torch.from_numpy(np.asarray(image_centers(batch["index"].numpy()), np.float32))
+        if Cb is None:
+            lab, sq = nearest_centroid(flat_desc, C.numpy(), use_gpu=False)
+        else:  # every image against its own K centroids
+            dk = (d.reshape(B, T, 1, -1) - Cb[:, None]).pow(2).sum(-1)  # (B, T, K)
+            sq_t, lab_t = dk.min(-1)
+            lab, sq = lab_t.reshape(-1).numpy(), sq_t.reshape(-1).numpy()
         img = np.repeat(np.arange(B), T)
         keep = v.reshape(-1)
         sel = np.flatnonzero(keep)
@@ -422,7 +434,10 @@ def predict_landmarks(
         sc = kp.score.reshape(-1).numpy()[pick]
         # fallback for absent clusters: dense heatmap-weighted centroid match
         dense = out.descriptors.flatten(2).transpose(1, 2)  # (B, R*R, D)
-        d2 = (dense.pow(2).sum(-1, keepdim=True) + C.pow(2).sum(-1) - 2 * dense @ C.T).clamp_min(0)  # (B, R*R, K)
+        if Cb is None:
+            d2 = (dense.pow(2).sum(-1, keepdim=True) + C.pow(2).sum(-1) - 2 * dense @ C.T).clamp_min(0)  # (B, R*R, K)
+        else:
+            d2 = (dense.pow(2).sum(-1, keepdim=True) + Cb.pow(2).sum(-1)[:, None, :] - 2 * dense @ Cb.transpose(1, 2)).clamp_min(0)
         w = heat.flatten(1)[:, :, None] * torch.exp(-d2 / config.fallback_temperature)
         best = w.argmax(1)  # (B, K)
         cells = torch.stack([best % R, torch.div(best, R, rounding_mode="floor")], -1).float()

@@ -33,7 +33,7 @@ of its pose cluster, so its column index is the TSC label.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -45,7 +45,7 @@ from pipeline.errors import ConfigError
 from pipeline.heads.descriptor import crop_to_normalised
 from pipeline.heads.model import HeadsOutput, ULDHeads
 from pipeline.heads.pose_losses import elbo_loss, latent_contrastive_loss
-from pipeline.heads.pose_vae import PoseVAE
+from pipeline.heads.pose_vae import PoseVAE, PoseVAEConfig
 from pipeline.methods.duld import Batch, DULDConfig, self_training_step
 
 Step = Literal["proxy", "latent"]
@@ -217,3 +217,59 @@ def pose_codes(model: ULDHeads, vae: PoseVAE, batches: Iterable[Batch]) -> tuple
     if not rows:
         return np.zeros(0, np.int64), np.zeros((0, vae.config.latent), np.float32)
     return np.concatenate(rows).astype(np.int64), np.concatenate(codes).astype(np.float32)
+
+
+LabelLookup = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+StepFn = Callable[[ULDHeads, PoseVAE, Batch, torch.Tensor, torch.Tensor, torch.Tensor, DULDPPConfig, torch.Generator], dict[str, torch.Tensor]]
+
+
+def train_duldpp_steps(
+    step_fn: StepFn,
+    model: ULDHeads,
+    vae: PoseVAE,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[Batch],
+    lookup: LabelLookup,
+    steps: int,
+    config: DULDPPConfig,
+    generator: torch.Generator,
+    progress: bool = True,
+    desc: str = "D-ULD++",
+) -> list[dict[str, float]]:
+    """``steps`` optimisation steps of one D-ULD++ step (:func:`proxy_task_step` or :func:`latent_step`).
+
+    ``lookup(batch rows) -> (coords (B, Q*K, 2), present, pose (B,))``: the stage's labels
+    (:meth:`TwoStageLabels.lookup`, or K-means labels as Q = 1 before any pose code exists).
+    One loss record per step, as :func:`pipeline.methods.duld.train_self_round`.
+    """
+    from pipeline.methods.duld import _steps
+
+    model.train()
+    vae.train()
+    log: list[dict[str, float]] = []
+    for step, batch in _steps(batches, steps, desc, progress):
+        coords, present, pose = lookup(batch["index"])
+        losses = step_fn(model, vae, batch, coords, present, pose, config, generator)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        log.append({"step": step, **{k: float(v.detach()) for k, v in losses.items()}})
+    return log
+
+
+def pose_vae_config(out_size: int, k: int, latent: int = 64) -> PoseVAEConfig:
+    """The VAE for a detector of ``out_size`` cells: up to three stride-2 stages (16, 32, 64 channels),
+    as many as halve ``out_size`` evenly (a 8-cell map gets three, a 12-cell map two)."""
+    n = 0
+    while n < 3 and out_size % (2 ** (n + 1)) == 0:
+        n += 1
+    if n == 0:
+        raise ConfigError(f"the pose VAE needs an even heatmap size, got {out_size}", where="--resolution", fix="use an even --resolution")
+    return PoseVAEConfig(size=int(out_size), k=int(k), latent=int(latent), widths=(16, 32, 64)[:n])
+
+
+def build_pose_vae(config: PoseVAEConfig, seed: int) -> PoseVAE:
+    """A pose VAE with a fixed initialisation seed (does not disturb the global RNG)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(int(seed))
+        return PoseVAE(config)
