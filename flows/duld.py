@@ -1,9 +1,12 @@
 """The self-training engine as Prefect flows: bootstrap, then self-training rounds.
 
 One loop for every method that trains detector/descriptor heads on cached
-features; the method (``config.json``'s ``method``: ``duld`` | ``mallis-d``,
-see :data:`ENGINE_METHODS`) only picks the pseudo-labeller
-(``pipeline.labelling``): D-ULD's K-means, Mallis (D)'s over-clustering.
+features; the method (``config.json``'s ``method``: ``duld`` | ``mallis-d`` | ``duld++``,
+see :data:`ENGINE_METHODS`) picks the pseudo-labeller
+(``pipeline.labelling``): D-ULD's K-means, Mallis (D)'s over-clustering; and the
+schedule of stages (``RunContext.stage_of``): D-ULD and Mallis (D) run bootstrap +
+rounds, D-ULD++ adds its proxy-task stage and two-stage-clustering rounds after
+its D-ULD rounds (``flows.duldpp_stages``, which also lists its extra checkpoint files).
 
 ::
 
