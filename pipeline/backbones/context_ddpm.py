@@ -1,0 +1,153 @@
+"""A small pixel-space text-conditioned UNet for CPUs: a DDPM whose cross-attention reads a learned constant context.
+
+StableKeypoints (seed 002) needs a UNet with cross-attention to optimise
+tokens against; Stable Diffusion is far too large for a CPU. This model is a
+``diffusers.UNet2DConditionModel`` on pixels (no VAE) trained with the plain
+DDPM objective (Ho et al. 2020: regress the noise with an MSE) on the same
+unlabelled crops the other backbones use. Its ``encoder_hidden_states`` is a
+learned constant ``context`` of a few tokens (there is no text), trained with
+the UNet: the cross-attention layers then exist and carry signal, and
+StableKeypoints later replaces the context with its own tokens, exactly as it
+replaces the prompt embedding of SD.
+
+Folder layout (``save_pretrained``): ``unet/`` (diffusers), ``scheduler/``,
+``context.safetensors``, ``uld_backbone.json`` with ``kind = "context-ddpm"``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import BackboneError, ConfigError, DatasetError
+
+KIND = "context-ddpm"
+META_FILE = "uld_backbone.json"
+CONTEXT_FILE = "context.safetensors"
+
+
+class ContextDDPM(torch.nn.Module):
+    """``UNet2DConditionModel`` (3 -> 3 channels, pixels in [-1, 1]) + a learned context (n_context, dim)."""
+
+    def __init__(self, unet: Any, scheduler: Any, context: torch.Tensor, name: str = "context-ddpm") -> None:
+        super().__init__()
+        self.unet = unet
+        self.scheduler = scheduler
+        self.context = torch.nn.Parameter(context.float().clone())
+        self.name = name
+
+    @classmethod
+    def create(cls, image_size: int = 32, channels: tuple[int, ...] = (32, 64), n_context: int = 4, context_dim: int = 32,
+               heads: int = 4, layers_per_block: int = 1, seed: int = 0, name: str = "context-ddpm") -> "ContextDDPM":
+        """A random-init model: every block but the first (finest) has cross-attention to the context."""
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+
+        if len(channels) < 2 or image_size % 2 ** (len(channels) - 1):
+            raise ConfigError(f"image size {image_size} must be divisible by {2 ** (len(channels) - 1)} with {len(channels)} levels",
+                              where="ContextDDPM.create", fix="use at least two levels and a power-of-two size")
+        torch.manual_seed(seed)
+        n = len(channels)
+        unet = UNet2DConditionModel(
+            sample_size=image_size, in_channels=3, out_channels=3, block_out_channels=tuple(channels), layers_per_block=layers_per_block,
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+            up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+            cross_attention_dim=context_dim, attention_head_dim=max(1, channels[-1] // heads), norm_num_groups=min(8, channels[0]),
+        )
+        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+        context = torch.randn(n_context, context_dim, generator=torch.Generator().manual_seed(seed)) * 0.5
+        return cls(unet, scheduler, context, name=name)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.unet.config.sample_size)
+
+    @property
+    def context_dim(self) -> int:
+        return int(self.context.shape[-1])
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Predicted noise for noisy images ``x_t`` (B, 3, S, S) at timesteps ``t`` (B,)."""
+        ctx = self.context.to(x_t.dtype)[None].expand(x_t.shape[0], -1, -1)
+        return self.unet(x_t, t, encoder_hidden_states=ctx).sample
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        from pipeline.backbones.common import atomic_dir, quiet_diffusers
+        from storage.atomic import write_json
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(path / "unet") as tmp, quiet_diffusers():
+            self.unet.save_pretrained(tmp, safe_serialization=True)
+        with atomic_dir(path / "scheduler") as tmp:
+            self.scheduler.save_pretrained(tmp)
+        save_file({"context": self.context.detach().cpu().contiguous()}, str(path / CONTEXT_FILE))
+        write_json(path / META_FILE, {"kind": KIND, "format_version": 1, "n_context": int(self.context.shape[0])})
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "ContextDDPM":
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from safetensors.torch import load_file
+
+        from pipeline.backbones.common import quiet_diffusers
+
+        path = Path(path)
+        if not is_context_ddpm(path):
+            raise BackboneError(f"{path} is not a context-DDPM folder", where=str(path),
+                                fix="train one (pipeline.backbones.context_ddpm.train_context_ddpm) or pass a Stable Diffusion folder")
+        with quiet_diffusers():
+            unet = UNet2DConditionModel.from_pretrained(str(path / "unet"))
+            scheduler = DDPMScheduler.from_pretrained(str(path / "scheduler"))
+        model = cls(unet, scheduler, load_file(str(path / CONTEXT_FILE))["context"], name=path.name)
+        return model.to(device)
+
+
+def is_context_ddpm(path: str | Path) -> bool:
+    meta = Path(path) / META_FILE
+    return meta.is_file() and json.loads(meta.read_text()).get("kind") == KIND
+
+
+def context_ddpm_loss(model: ContextDDPM, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The DDPM objective (Ho et al. 2020, Eq. 14 "simple"): ``|| eps - eps_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t) ||^2``."""
+    T = int(model.scheduler.config.num_train_timesteps)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    t = torch.randint(0, T, (x0.shape[0],), generator=generator).to(x0.device)
+    return torch.nn.functional.mse_loss(model(model.scheduler.add_noise(x0, noise, t), t), noise)
+
+
+def train_context_ddpm(model: ContextDDPM, crops: np.ndarray, steps: int, batch_size: int = 16, lr: float = 5e-4, seed: int = 0,
+                       grad_clip: float = 1.0) -> list[float]:
+    """Train the UNet and its context in place on uint8 crops (N, S, S, 3); returns the loss per step.
+
+    AdamW, gradient clipping, all randomness from one generator seeded by ``seed``.
+    (No EMA or checkpoints: the full trainer with both is ``pipeline.backbones.training.train_ddpm``,
+    which does not know this model yet.)
+    """
+    crops = np.asarray(crops)
+    S = model.image_size
+    if crops.ndim != 4 or crops.shape[1:] != (S, S, 3) or crops.dtype != np.uint8 or not len(crops):
+        raise DatasetError(f"training crops must be uint8 (N, {S}, {S}, 3), got {crops.dtype} {crops.shape}",
+                           where="train_context_ddpm(crops)", fix=f"load crops at the model's image size ({S})")
+    device = next(model.parameters()).device
+    data = torch.from_numpy(np.ascontiguousarray(crops))
+    gen = torch.Generator().manual_seed(int(seed))
+    model.train().requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    losses = []
+    for _ in range(int(steps)):
+        idx = torch.randint(0, len(data), (batch_size,), generator=gen)
+        x0 = data[idx].permute(0, 3, 1, 2).float().div(127.5).sub(1.0).to(device)
+        loss = context_ddpm_loss(model, x0, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval().requires_grad_(False)
+    return losses

@@ -1,0 +1,247 @@
+"""StableKeypoints (seed 002): attention capture, losses, selection, estimator, context-DDPM, SD, flow and CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.backbones.context_ddpm import ContextDDPM, train_context_ddpm
+from pipeline.methods.condgen.geometry import gaussian_maps, random_affine, warp_points
+from pipeline.methods.stablekeypoints import StableKeypoints, StableKeypointsConfig
+from pipeline.methods.stablekeypoints.attention import (
+    AttentionStore,
+    CaptureCrossAttention,
+    capture_cross_attention,
+    cross_attention_layers,
+    run_unet,
+)
+from pipeline.methods.stablekeypoints.losses import argmax_points, equivariance_loss, localisation_loss, unwarp_maps
+from pipeline.methods.stablekeypoints.model import from_context_ddpm
+from pipeline.methods.stablekeypoints.selection import furthest_point_sampling, most_frequent_tokens, tokens_per_image
+
+SIZE = 32
+TINY = dict(k=3, n_tokens=12, batch_size=2, token_chunk=6, map_size=16, select_images=6, augmentations=2)
+
+torch.set_num_threads(1)
+
+
+def tiny_context_ddpm(seed: int = 0) -> ContextDDPM:
+    return ContextDDPM.create(image_size=SIZE, channels=(16, 32), n_context=4, context_dim=16, heads=2, seed=seed)
+
+
+def crops(n: int = 8, seed: int = 0) -> np.ndarray:
+    """Grey crops with one bright blob each (at a random place)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    out = np.full((n, SIZE, SIZE, 3), 60, np.uint8)
+    for i in range(n):
+        cx, cy = rng.uniform(8, 24, 2)
+        blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 18.0)
+        out[i] = np.clip(60 + 190 * blob[..., None] * np.array([1.0, 0.6, 0.3]), 0, 255).astype(np.uint8)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_context_ddpm()
+
+
+# ----------------------------------------------------------------- attention capture
+def test_processor_computes_the_default_attention_and_records_token_softmax(model):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    attn = model.unet.up_blocks[0].attentions[0].transformer_blocks[0].attn2
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 64, attn.to_q.in_features, generator=g)
+    ctx = torch.randn(2, 5, 16, generator=g)
+    store = AttentionStore(("not-this-layer",))  # never complete: no early stop
+    out = CaptureCrossAttention(store, "x")(attn, hidden, encoder_hidden_states=ctx)
+    torch.testing.assert_close(out, AttnProcessor()(attn, hidden, encoder_hidden_states=ctx))
+    maps = store.maps["x"]
+    assert maps.shape == (2, 5, 8, 8)
+    torch.testing.assert_close(maps.sum(dim=1), torch.ones(2, 8, 8))  # softmax over the tokens
+    store.keep = torch.tensor([3, 1])
+    CaptureCrossAttention(store, "y")(attn, hidden, encoder_hidden_states=ctx)
+    torch.testing.assert_close(store.maps["y"], maps[:, [3, 1]])  # a token chunk keeps those columns of the full softmax
+
+
+def test_capture_reads_only_small_up_block_cross_attention_and_restores_processors(model):
+    before = {k: type(v) for k, v in model.unet.attn_processors.items()}
+    layers = cross_attention_layers(model.unet, SIZE, max_side=32)
+    assert layers and all(n.startswith("up_blocks.") and ".attn2." in n for n in layers)
+    with capture_cross_attention(model.unet, layers) as store:
+        assert all(isinstance(model.unet.attn_processors[n], CaptureCrossAttention) for n in layers)
+        x = torch.zeros(1, 3, SIZE, SIZE)
+        maps = run_unet(model.unet, store, x, torch.tensor([10]), encoder_hidden_states=torch.randn(1, 7, 16))
+        assert set(maps) == set(layers) and all(m.shape[:2] == (1, 7) and m.shape[-1] <= 32 for m in maps.values())
+    assert {k: type(v) for k, v in model.unet.attn_processors.items()} == before
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no up-block cross-attention"):
+        cross_attention_layers(model.unet, SIZE, max_side=4)
+
+
+# ----------------------------------------------------------------- losses and geometry
+def test_localisation_loss_prefers_one_gaussian_bump():
+    pts = torch.tensor([[[19 / 16 - 1, 11 / 16 - 1]]])  # a cell centre: the argmax is the bump's own centre
+    one = gaussian_maps(pts, 16, 16, 2 * 2.0 / 16)
+    two = one + gaussian_maps(torch.tensor([[[-0.6, 0.5]]]), 16, 16, 2 * 2.0 / 16)
+    flat = torch.ones(1, 1, 16, 16)
+    l1, l2, lf = (float(localisation_loss(m, sigma_cells=2.0)) for m in (one, two, flat))
+    assert l1 < 1e-6 < l2 < lf
+    assert localisation_loss(torch.cat([one, flat], 1), reduce=False).shape == (1, 2)
+
+
+def test_equivariance_loss_is_small_only_for_maps_that_move_with_the_warp():
+    g = torch.Generator().manual_seed(1)
+    theta = random_affine(3, g, 15.0, 0.1, 0.1, shear=0.0)
+    pts = torch.rand(3, 4, 2, generator=g) * 1.0 - 0.5
+    maps = gaussian_maps(pts, 32, 32, 0.12)
+    moved = gaussian_maps(warp_points(pts, theta), 32, 32, 0.12)
+    still = maps
+    assert float(equivariance_loss(maps, moved, theta)) < 0.2 * float(equivariance_loss(maps, still, theta))
+
+
+def test_landmarks_of_a_warped_image_map_back_to_the_original_place():
+    """What predict does per augmentation: a map of the warped image, warped back, peaks at the original point."""
+    g = torch.Generator().manual_seed(2)
+    theta = random_affine(4, g, 15.0, 0.1, 0.1, shear=0.0)
+    pts = torch.rand(4, 2, 2, generator=g) - 0.5
+    in_warped = gaussian_maps(warp_points(pts, theta), 32, 32, 0.1)
+    back, valid = unwarp_maps(in_warped, theta)
+    assert float((argmax_points(back) - pts).abs().max()) <= 2.0 / 32 + 1e-6  # within one cell
+    assert valid.shape == (4, 1, 32, 32)
+
+
+def test_selection_spreads_tokens_and_counts_over_images():
+    pts = np.array([[0, 0], [0.1, 0], [1, 1], [1, 0.9], [0, 1]], float)
+    assert set(furthest_point_sampling(pts, 3, first=0)) == {0, 2, 4}
+    loss = np.tile(np.array([0.1, 0.2, 0.3, 0.4, 0.5]), (3, 1))
+    per_image = tokens_per_image(loss, np.tile(pts, (3, 1, 1)), k=2, top=4)
+    assert per_image.shape == (3, 2) and (per_image[:, 0] == 0).all() and (per_image[:, 1] == 2).all()
+    # Token 4 is chosen twice, token 1 once: frequency wins over a lower mean loss.
+    assert most_frequent_tokens(np.array([[0, 4], [0, 4], [0, 1]]), loss, 2).tolist() == [0, 4]
+
+
+# ----------------------------------------------------------------- the estimator
+def test_fit_lowers_the_loss_resumes_exactly_and_predicts_crop_pixels(model):
+    cu = from_context_ddpm(model)
+    images = crops(8)
+    cfg = StableKeypointsConfig(steps=24, token_chunk=12, **{k: v for k, v in TINY.items() if k != "token_chunk"})
+    full = StableKeypoints(cu, cfg).fit(images)
+    loss = [h["loss"] for h in full.history_]
+    assert np.mean(loss[-6:]) < np.mean(loss[:6]) - 0.02, loss
+
+    part = StableKeypoints(cu, cfg).fit(images, stop_after=10)
+    state = part.state_dict()
+    resumed = StableKeypoints(cu, cfg).load_state_dict(state).fit(images)
+    torch.testing.assert_close(resumed.tokens_, full.tokens_, rtol=0, atol=0)
+
+    selected = full.select(images)
+    assert len(set(selected.tolist())) == cfg.k and selected.max() < cfg.n_tokens
+    lm = full.predict(images[:3], rows=np.arange(3))
+    assert lm.coords.shape == (3, cfg.k, 2) and lm.present.all()
+    assert np.isfinite(lm.coords).all() and (lm.coords >= 0).all() and (lm.coords <= SIZE).all()
+    again = full.predict(images[:3], rows=np.arange(3))
+    np.testing.assert_array_equal(lm.coords, again.coords)  # fixed noise per row: deterministic
+
+
+def test_context_ddpm_training_step_round_trip_and_loader(tmp_path):
+    from pipeline.errors import BackboneError
+    from pipeline.methods.stablekeypoints import load_conditioned_unet
+    from tests.tiny_runs import make_backbone
+
+    m = tiny_context_ddpm(seed=3)
+    losses = train_context_ddpm(m, crops(8), steps=30, batch_size=4, lr=2e-3, seed=0)
+    assert np.mean(losses[-8:]) < np.mean(losses[:8]), losses
+    folder = m.save_pretrained(tmp_path / "ctx")
+    loaded = load_conditioned_unet(str(folder))
+    assert loaded.kind == "context-ddpm" and loaded.context_dim == 16
+    x, t = torch.randn(1, 3, SIZE, SIZE), torch.tensor([5])
+    again = ContextDDPM.from_pretrained(folder)
+    torch.testing.assert_close(again(x, t), m(x, t))
+    with pytest.raises(BackboneError, match="without cross-attention"):
+        load_conditioned_unet(make_backbone(tmp_path / "plain-ddpm"))
+
+
+def test_stable_diffusion_folder_goes_through_the_project_loader(tmp_path):
+    from pipeline.backbones.tiny import build_tiny_sd
+    from pipeline.methods.stablekeypoints import load_conditioned_unet
+
+    cu = load_conditioned_unet(str(build_tiny_sd(tmp_path)))
+    assert cu.kind == "stable-diffusion" and cu.latent_factor == 2 and cu.context_dim == 16
+    est = StableKeypoints(cu, StableKeypointsConfig(steps=2, **TINY)).fit(crops(4))
+    assert len(est.history_) == 2 and np.isfinite(est.history_[-1]["loss"])
+    est.select(crops(4))
+    lm = est.predict(crops(2))
+    assert lm.coords.shape == (2, 3, 2) and (lm.coords >= 0).all() and (lm.coords <= SIZE).all()
+
+
+# ----------------------------------------------------------------- flow and CLI
+@pytest.fixture(scope="module")
+def tiny_home(tmp_path_factory):
+    from pipeline.datasets.registry import get_loader
+    from pipeline.datasets.synthetic import generate_synthetic
+    from storage.layout import Workspace
+
+    base = tmp_path_factory.mktemp("sk-flow")
+    ws = Workspace(base / "workspace")
+    root = generate_synthetic(ws.generated_dataset("synthetic"), 16, 8, SIZE, 0)
+    for split in ("train", "test"):
+        manifest, _ = get_loader("synthetic").load(root, split)
+        manifest.save(ws.manifest("synthetic", split))
+    return ws.home, str(tiny_context_ddpm(seed=5).save_pretrained(base / "ctx-ddpm"))
+
+
+def test_flow_writes_keypoints_metrics_sheet_and_resumes_exactly(prefect_harness, tiny_home):
+    from flows.results import read_keypoints
+    from flows.stablekeypoints import stablekeypoints
+    from pipeline.errors import ConfigError
+
+    home, backbone = tiny_home
+    cfg = StableKeypointsConfig(steps=4, backbone=backbone, **TINY)
+    args = dict(home=home, size=SIZE, checkpoint_every=2, progress=False, threads=1)
+    rows = stablekeypoints("synthetic", cfg, run_id="sk-full", **args)
+    assert {"nme_forward", "nme_backward", "acc0.2_hungarian"} <= set(rows["metric"]) and set(rows["method"]) == {"stablekeypoints"}
+    kp = read_keypoints(home, "sk-full")
+    assert set(kp["split"]) == {"train", "test"} and len(kp) == 24 * 3 and kp["present"].all()
+    run = home / "runs" / "sk-full"
+    assert (run / "figures" / "stablekeypoints-test-landmarks.png").is_file()
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000004"]
+    assert json.loads((run / "resources.json").read_text())["peak_rss_mb"] > 0
+    assert len(json.loads((run / "selection.json").read_text())["tokens"]) == 3
+
+    stopped = stablekeypoints("synthetic", cfg, run_id="sk-resumed", stop_after=3, **args)
+    assert stopped.empty and not (home / "runs" / "sk-resumed" / "keypoints.parquet").exists()
+    stablekeypoints("synthetic", cfg, run_id="sk-resumed", resume=True, **args)
+    cols = ["image_id", "landmark_id", "x", "y", "score"]
+    a = kp[cols].sort_values(["image_id", "landmark_id"]).reset_index(drop=True)
+    b = read_keypoints(home, "sk-resumed")[cols].sort_values(["image_id", "landmark_id"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
+    assert pd.read_parquet(home / "runs" / "sk-resumed" / "train-log.parquet")["step"].tolist() == [1, 2, 3, 4]
+    with pytest.raises(ConfigError, match="different settings"):
+        stablekeypoints("synthetic", StableKeypointsConfig(steps=4, backbone=backbone, **{**TINY, "k": 2}), run_id="sk-full", resume=True, **args)
+
+
+def test_uld_train_method_stablekeypoints(prefect_harness, tiny_home):
+    from flows import cli_train
+    from tests.tiny_runs import invoke_cli
+
+    home, backbone = tiny_home
+    common = ["-d", "synthetic", "-k", "3", "--steps", "2", "--size", str(SIZE), "--batch-size", "2", "--no-progress",
+              "--param", "n_tokens=8", "--param", "map_size=16", "--param", "augmentations=1", "--param", "select_images=4"]
+    res = invoke_cli(home, cli_train.register, "train", "--method", "stablekeypoints", "--backbone", backbone, *common, "--run-id", "cli-sk")
+    assert res.exit_code == 0, res.output
+    assert "nme_forward" in res.output and (home / "runs" / "cli-sk" / "metrics.parquet").is_file()
+    cfg = json.loads((home / "runs" / "cli-sk" / "config.json").read_text())
+    assert cfg["stablekeypoints"]["n_tokens"] == 8 and cfg["stablekeypoints"]["steps"] == 2
+    # The default DDPM has no cross-attention: a user error (which the CLI prints without a traceback), before any run folder.
+    from pipeline.errors import BackboneError
+
+    bad = invoke_cli(home, cli_train.register, "train", "--method", "stablekeypoints", "--backbone", "shipped", *common, "--run-id", "cli-sk2")
+    assert isinstance(bad.exception, BackboneError) and "cross-attention" in str(bad.exception) and bad.exception.fix
+    assert not (home / "runs" / "cli-sk2").exists()
