@@ -191,14 +191,23 @@ def fan_out_shards(
         extract_shard_on_worker.submit(str(store.path), shard, backbone, spec, layers, paths, batch_size, skip_bad)
         for shard in todo
     ]
-    summaries = []
+    summaries, first_error = [], None
+    # Every future is waited for, also after a failure: the caller releases the writer lock when
+    # this returns, and no worker may still be writing a shard then. Shards that did succeed are
+    # finished, so the re-run after fixing the error redoes only the failed ones.
     for shard, future in zip(todo, futures):
-        summary = future.result()
+        try:
+            summary = future.result()
+        except Exception as err:  # noqa: BLE001 -- re-raised below, after the other shards
+            first_error = first_error or err
+            continue
         # Reasons first, then the marker: a crash in between leaves the shard unfinished, never
         # a "complete" shard whose skipped images lost their reasons.
         store.record_skipped(summary["skipped"])
         store.mark_complete(shard)
         summaries.append(summary)
+    if first_error is not None:
+        raise first_error
     return summaries
 
 

@@ -64,6 +64,8 @@ def test_dask_options_are_checked_before_any_work():
     assert runner.cluster_kwargs["n_workers"] == 2 and runner.cluster_kwargs["threads_per_worker"] == 1
 
 
+# ~26 s on a quiet 2-core machine, 40 s under load (cluster start, a model load per worker).
+@pytest.mark.slow
 def test_two_worker_local_cluster_store_equals_single_process_store(prefect_harness, dataset, tmp_path):
     from flows import cli_features
     from flows.features import extract_features
@@ -102,3 +104,23 @@ def test_two_worker_local_cluster_store_equals_single_process_store(prefect_harn
     again = invoke_cli(home, cli_features.register, "features", "--dataset", "synthetic", "--backbone", dataset["backbone"],
                        "--size", str(SIZE), "--batch-size", "2", "--shard-size", "3", "--skip-bad", "--dask-workers", "2")
     assert again.exit_code == 0 and "nothing to do" in again.output
+
+
+@pytest.mark.slow
+def test_a_worker_error_reaches_the_user_as_a_clean_message_and_leaves_the_shard_unfinished(prefect_harness, dataset, tmp_path):
+    from flows import cli_features
+    from pipeline.errors import DatasetError
+    from storage.features import FeatureStore
+
+    home = tmp_path / "ws"
+    dataset["write"](home)
+    # Without --skip-bad the unreadable image (row 5, shard 1) stops its worker's task with a DatasetError.
+    res = invoke_cli(home, cli_features.register, "features", "--dataset", "synthetic", "--backbone", dataset["backbone"],
+                     "--size", str(SIZE), "--batch-size", "2", "--shard-size", "3", "--dask-workers", "2")
+    assert res.exit_code != 0
+    # The worker's DatasetError crossed the process boundary intact: main() prints it cleanly, exit 2.
+    assert isinstance(res.exception, DatasetError) and dataset["bad"] in str(res.exception), repr(res.exception)
+    (path,) = [p.parent for p in (home / "features" / "synthetic").glob("*.zarr/*/zarr.json")]
+    store = FeatureStore.open(path, require_complete=False)
+    # Only the failed shard is left: the others were finished before the error was raised.
+    assert store.unfinished_shards() == [1]
