@@ -145,6 +145,8 @@ def train_backbone(
     channels: tuple[int, ...] | None = None,
     flip: bool = False,
     init_from: str | None = None,
+    kind: str = "ddpm",
+    context_tokens: int = 4,
 ) -> dict:
     """Train (or resume, or re-export) a DDPM backbone on ``dataset``; returns a summary dict.
 
@@ -153,6 +155,11 @@ def train_backbone(
     optimiser, for when its resumable checkpoints are gone (only the exported
     EMA weights travel with a shipped backbone). The architecture is the
     initial model's; ``steps`` counts the steps of this run only.
+
+    ``kind="context-ddpm"`` trains a pixel ``UNet2DConditionModel`` whose
+    cross-attention reads ``context_tokens`` learned constant tokens
+    (:mod:`pipeline.backbones.context_ddpm`: the CPU model StableKeypoints
+    optimises its tokens against), with the same trainer, checkpoints and export.
     """
     import torch
 
@@ -170,6 +177,11 @@ def train_backbone(
     target = ws.backbone_dir(name)
     ckpt_dir = target / "checkpoints"
     init = None
+    if kind not in ("ddpm", "context-ddpm"):
+        raise ConfigError(f"unknown backbone kind {kind!r}", where="--kind", fix="use ddpm or context-ddpm")
+    if kind == "context-ddpm" and init_from is not None:
+        raise ConfigError("--init-from continues a DDPM (UNet2DModel); it cannot start a context-DDPM", where="--init-from",
+                          fix="drop --init-from, or train --kind ddpm")
     if init_from is not None:
         model = load_init_model(init_from, Path(home), image_size, channels).to(device)
         model.name = name
@@ -187,7 +199,12 @@ def train_backbone(
 
     crops = load_training_crops(Path(home), dataset, image_size, margin, limit)
     torch.manual_seed(seed)  # the UNet's random init
-    if init is None:
+    if kind == "context-ddpm":
+        from pipeline.backbones.context_ddpm import ContextDDPM
+
+        model = ContextDDPM.create(image_size=image_size, channels=channels or (32, 64), n_context=context_tokens, seed=seed,
+                                   name=name).to(device)
+    elif init is None:
         arch = {} if channels is None else unet_arch(channels)
         model = CategoryDDPM.create(image_size=image_size, name=name, **arch).to(device)
     had = list_checkpoints(ckpt_dir)
@@ -212,6 +229,8 @@ def train_backbone(
         "seed": seed,
         "ema_decay": config.ema_decay,
         "flip": config.flip,
+        "kind": kind,
+        **({"context_tokens": int(context_tokens)} if kind == "context-ddpm" else {}),
         "final_loss_mean_last_100": round(result.final_loss(100), 5),
         **({} if init is None else {"init_from": init}),
         # None when the run was resumed from checkpoints that predate time tracking

@@ -36,6 +36,8 @@ def register(app: typer.Typer) -> None:
         threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads. 1 is fastest on a shared 2-core machine (more threads oversubscribe: 0.3-1 steps/s instead of 2.9 measured); raise it on an idle multi-core one."),
         channels: Optional[str] = typer.Option(None, "--channels", help="UNet widths per resolution level, e.g. 16,32,64,128 (self-attention at the lowest level) [default: the shipped 16,24,32,64]."),
         flip: bool = typer.Option(False, "--flip/--no-flip", help="Random horizontal flips of the training crops (see TrainConfig.flip for why it is off by default)."),
+        kind: str = typer.Option("ddpm", "--kind", help="ddpm (UNet2DModel) or context-ddpm: a UNet2DConditionModel whose cross-attention reads a few learned constant tokens (the CPU model for `uld train --method stablekeypoints`; --channels default 32,64)."),
+        context_tokens: int = typer.Option(4, "--context-tokens", min=1, help="context-ddpm: number of learned context tokens."),
         init_from: Optional[str] = typer.Option(None, "--init-from", help="Continue from this backbone's exported weights (a folder, `shipped`, or a workspace backbone name) with a fresh optimiser, when its checkpoints are gone; keeps its architecture. --steps counts this run's steps."),
     ) -> None:
         """Train a pixel-space DDPM (diffusers UNet2DModel) on the dataset's training crops.
@@ -72,6 +74,8 @@ def register(app: typer.Typer) -> None:
             channels=None if channels is None else tuple(int_list(channels, "--channels")),
             flip=flip,
             init_from=init_from,
+            kind=kind,
+            context_tokens=context_tokens,
         )
         typer.echo(f"backbone:   {summary['name']} -> {summary['dir']}")
         if "out" in summary:

@@ -54,7 +54,7 @@ def model():
 def test_processor_computes_the_default_attention_and_records_token_softmax(model):
     from diffusers.models.attention_processor import AttnProcessor
 
-    attn = model.unet.up_blocks[0].attentions[0].transformer_blocks[0].attn2
+    attn = model.unet.net.up_blocks[0].attentions[0].transformer_blocks[0].attn2
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 64, attn.to_q.in_features, generator=g)
     ctx = torch.randn(2, 5, 16, generator=g)
@@ -70,19 +70,19 @@ def test_processor_computes_the_default_attention_and_records_token_softmax(mode
 
 
 def test_capture_reads_only_small_up_block_cross_attention_and_restores_processors(model):
-    before = {k: type(v) for k, v in model.unet.attn_processors.items()}
-    layers = cross_attention_layers(model.unet, SIZE, max_side=32)
+    before = {k: type(v) for k, v in model.unet.net.attn_processors.items()}
+    layers = cross_attention_layers(model.unet.net, SIZE, max_side=32)
     assert layers and all(n.startswith("up_blocks.") and ".attn2." in n for n in layers)
-    with capture_cross_attention(model.unet, layers) as store:
-        assert all(isinstance(model.unet.attn_processors[n], CaptureCrossAttention) for n in layers)
+    with capture_cross_attention(model.unet.net, layers) as store:
+        assert all(isinstance(model.unet.net.attn_processors[n], CaptureCrossAttention) for n in layers)
         x = torch.zeros(1, 3, SIZE, SIZE)
-        maps = run_unet(model.unet, store, x, torch.tensor([10]), encoder_hidden_states=torch.randn(1, 7, 16))
+        maps = run_unet(model.unet.net, store, x, torch.tensor([10]), encoder_hidden_states=torch.randn(1, 7, 16))
         assert set(maps) == set(layers) and all(m.shape[:2] == (1, 7) and m.shape[-1] <= 32 for m in maps.values())
-    assert {k: type(v) for k, v in model.unet.attn_processors.items()} == before
+    assert {k: type(v) for k, v in model.unet.net.attn_processors.items()} == before
     from pipeline.errors import ConfigError
 
     with pytest.raises(ConfigError, match="no up-block cross-attention"):
-        cross_attention_layers(model.unet, SIZE, max_side=4)
+        cross_attention_layers(model.unet.net, SIZE, max_side=4)
 
 
 # ----------------------------------------------------------------- losses and geometry
@@ -156,8 +156,10 @@ def test_context_ddpm_training_step_round_trip_and_loader(tmp_path):
     from tests.tiny_runs import make_backbone
 
     m = tiny_context_ddpm(seed=3)
-    losses = train_context_ddpm(m, crops(8), steps=30, batch_size=4, lr=2e-3, seed=0)
-    assert np.mean(losses[-8:]) < np.mean(losses[:8]), losses
+    context0 = m.unet.context.detach().clone()
+    losses = train_context_ddpm(m, crops(8), steps=24, batch_size=4, lr=2e-3, seed=0)
+    assert np.mean(losses[-6:]) < np.mean(losses[:6]), losses
+    assert not torch.equal(context0, m.unet.context)  # the context is trained with the UNet
     folder = m.save_pretrained(tmp_path / "ctx")
     loaded = load_conditioned_unet(str(folder))
     assert loaded.kind == "context-ddpm" and loaded.context_dim == 16
@@ -166,6 +168,28 @@ def test_context_ddpm_training_step_round_trip_and_loader(tmp_path):
     torch.testing.assert_close(again(x, t), m(x, t))
     with pytest.raises(BackboneError, match="without cross-attention"):
         load_conditioned_unet(make_backbone(tmp_path / "plain-ddpm"))
+
+
+def test_context_ddpm_through_the_ddpm_trainer_resumes_bit_identically(tmp_path):
+    """The project's trainer (EMA, checkpoints) trains UNet + context as one module; a crash + resume changes nothing."""
+    from pipeline.backbones.training import TrainConfig, train_ddpm
+
+    cfg = TrainConfig(steps=4, batch_size=2, lr=1e-3, warmup_steps=1, checkpoint_every=2)
+    ref = tiny_context_ddpm(seed=4)
+    context0 = ref.unet.context.detach().clone()
+    train_ddpm(ref, crops(6), cfg, checkpoint_dir=tmp_path / "ref", progress=False)
+    assert not torch.equal(context0, ref.unet.context)
+
+    def crash_at_3(step: int, loss: float) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_ddpm(tiny_context_ddpm(seed=4), crops(6), cfg, checkpoint_dir=tmp_path / "run", on_step=crash_at_3, progress=False)
+    resumed = tiny_context_ddpm(seed=9)
+    assert train_ddpm(resumed, crops(6), cfg, checkpoint_dir=tmp_path / "run", progress=False).resumed_from == 2
+    a, b = ref.unet.state_dict(), resumed.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_stable_diffusion_folder_goes_through_the_project_loader(tmp_path):
@@ -183,7 +207,9 @@ def test_stable_diffusion_folder_goes_through_the_project_loader(tmp_path):
 
 # ----------------------------------------------------------------- flow and CLI
 @pytest.fixture(scope="module")
-def tiny_home(tmp_path_factory):
+def tiny_home(tmp_path_factory, prefect_harness):
+    """Synthetic manifests and a context-DDPM trained on their crops by `uld backbone train`'s flow (a few steps)."""
+    from flows.backbone import train_backbone
     from pipeline.datasets.registry import get_loader
     from pipeline.datasets.synthetic import generate_synthetic
     from storage.layout import Workspace
@@ -194,7 +220,10 @@ def tiny_home(tmp_path_factory):
     for split in ("train", "test"):
         manifest, _ = get_loader("synthetic").load(root, split)
         manifest.save(ws.manifest("synthetic", split))
-    return ws.home, str(tiny_context_ddpm(seed=5).save_pretrained(base / "ctx-ddpm"))
+    summary = train_backbone(dataset="synthetic", home=ws.home, steps=4, batch_size=4, image_size=SIZE, checkpoint_every=2,
+                             name="ctx", kind="context-ddpm", channels=(16, 32), context_tokens=3)
+    assert summary["kind"] == "context-ddpm" and summary["steps"] == 4
+    return ws.home, "ctx"  # a workspace backbone name
 
 
 def test_flow_writes_keypoints_metrics_sheet_and_resumes_exactly(prefect_harness, tiny_home):
@@ -234,7 +263,8 @@ def test_uld_train_method_stablekeypoints(prefect_harness, tiny_home):
     home, backbone = tiny_home
     common = ["-d", "synthetic", "-k", "3", "--steps", "2", "--size", str(SIZE), "--batch-size", "2", "--no-progress",
               "--param", "n_tokens=8", "--param", "map_size=16", "--param", "augmentations=1", "--param", "select_images=4"]
-    res = invoke_cli(home, cli_train.register, "train", "--method", "stablekeypoints", "--backbone", backbone, *common, "--run-id", "cli-sk")
+    res = invoke_cli(home, cli_train.register, "train", "--method", "stablekeypoints", "--backbone", str(home / "backbones" / backbone),
+                     *common, "--run-id", "cli-sk")
     assert res.exit_code == 0, res.output
     assert "nme_forward" in res.output and (home / "runs" / "cli-sk" / "metrics.parquet").is_file()
     cfg = json.loads((home / "runs" / "cli-sk" / "config.json").read_text())

@@ -10,6 +10,10 @@ the UNet: the cross-attention layers then exist and carry signal, and
 StableKeypoints later replaces the context with its own tokens, exactly as it
 replaces the prompt embedding of SD.
 
+Trained by the project's DDPM trainer (``uld backbone train --kind
+context-ddpm``: EMA, resumable checkpoints), which sees the UNet and the
+context as one module (:class:`ContextUNet`).
+
 Folder layout (``save_pretrained``): ``unet/`` (diffusers), ``scheduler/``,
 ``context.safetensors``, ``uld_backbone.json`` with ``kind = "context-ddpm"``.
 """
@@ -30,15 +34,50 @@ META_FILE = "uld_backbone.json"
 CONTEXT_FILE = "context.safetensors"
 
 
-class ContextDDPM(torch.nn.Module):
-    """``UNet2DConditionModel`` (3 -> 3 channels, pixels in [-1, 1]) + a learned context (n_context, dim)."""
+class ContextUNet(torch.nn.Module):
+    """``UNet2DConditionModel`` + its learned constant context (n_context, dim), called like a ``UNet2DModel``.
 
-    def __init__(self, unet: Any, scheduler: Any, context: torch.Tensor, name: str = "context-ddpm") -> None:
+    ``forward(x_t, t)`` returns the diffusers output (``.sample``), and
+    ``config`` is the UNet's config plus the context's shape, so the DDPM
+    trainer (:func:`pipeline.backbones.training.train_ddpm`: EMA copy,
+    checkpoints, architecture check) trains UNet and context together unchanged.
+    """
+
+    def __init__(self, net: Any, context: torch.Tensor) -> None:
         super().__init__()
-        self.unet = unet
-        self.scheduler = scheduler
+        self.net = net
         self.context = torch.nn.Parameter(context.float().clone())
+
+    @property
+    def config(self) -> dict:
+        return {**dict(self.net.config), "n_context": int(self.context.shape[0]), "context_dim": int(self.context.shape[1])}
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> Any:
+        ctx = self.context.to(x_t.dtype)[None].expand(x_t.shape[0], -1, -1)
+        return self.net(x_t, t, encoder_hidden_states=ctx)
+
+
+class ContextDDPM:
+    """A pixel-space DDPM (pixels in [-1, 1]) whose UNet has cross-attention to a learned constant context.
+
+    ``unet`` is a :class:`ContextUNet`; ``unet.net`` the ``UNet2DConditionModel``
+    StableKeypoints reads. The same surface as :class:`~pipeline.backbones.ddpm.CategoryDDPM`
+    where the trainer touches it (``unet``, ``scheduler``, ``device``, ``image_size``,
+    ``name``, ``meta``, ``save_pretrained(path, dtype, extra_meta)``).
+    """
+
+    kind = KIND
+
+    def __init__(self, unet: ContextUNet, scheduler: Any, name: str = "context-ddpm", meta: dict | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        from diffusers import DDPMScheduler
+
+        self.unet = unet.eval().requires_grad_(False)
+        self.scheduler = scheduler if isinstance(scheduler, DDPMScheduler) else DDPMScheduler.from_config(scheduler.config)
         self.name = name
+        self.meta = {"kind": KIND, "format_version": 1, **(meta or {})}
+        self._device = torch.device("cpu")
+        self.to(device)
 
     @classmethod
     def create(cls, image_size: int = 32, channels: tuple[int, ...] = (32, 64), n_context: int = 4, context_dim: int = 32,
@@ -46,35 +85,47 @@ class ContextDDPM(torch.nn.Module):
         """A random-init model: every block but the first (finest) has cross-attention to the context."""
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
+        channels = tuple(int(c) for c in channels)
         if len(channels) < 2 or image_size % 2 ** (len(channels) - 1):
             raise ConfigError(f"image size {image_size} must be divisible by {2 ** (len(channels) - 1)} with {len(channels)} levels",
-                              where="ContextDDPM.create", fix="use at least two levels and a power-of-two size")
+                              where="ContextDDPM.create / --channels", fix="use at least two levels and a power-of-two size")
         torch.manual_seed(seed)
         n = len(channels)
-        unet = UNet2DConditionModel(
-            sample_size=image_size, in_channels=3, out_channels=3, block_out_channels=tuple(channels), layers_per_block=layers_per_block,
+        net = UNet2DConditionModel(
+            sample_size=image_size, in_channels=3, out_channels=3, block_out_channels=channels, layers_per_block=layers_per_block,
             down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
             up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
             cross_attention_dim=context_dim, attention_head_dim=max(1, channels[-1] // heads), norm_num_groups=min(8, channels[0]),
         )
         scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
         context = torch.randn(n_context, context_dim, generator=torch.Generator().manual_seed(seed)) * 0.5
-        return cls(unet, scheduler, context, name=name)
+        return cls(ContextUNet(net, context), scheduler, name=name, meta={"image_size": int(image_size)})
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
 
     @property
     def image_size(self) -> int:
-        return int(self.unet.config.sample_size)
+        return int(self.unet.net.config.sample_size)
 
     @property
     def context_dim(self) -> int:
-        return int(self.context.shape[-1])
+        return int(self.unet.context.shape[-1])
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def to(self, device: str | torch.device) -> "ContextDDPM":
+        self._device = torch.device(device)
+        self.unet.to(self._device)
+        return self
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Predicted noise for noisy images ``x_t`` (B, 3, S, S) at timesteps ``t`` (B,)."""
-        ctx = self.context.to(x_t.dtype)[None].expand(x_t.shape[0], -1, -1)
-        return self.unet(x_t, t, encoder_hidden_states=ctx).sample
+        return self.unet(x_t, t).sample
 
-    def save_pretrained(self, path: str | Path) -> Path:
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None, extra_meta: dict | None = None) -> Path:
+        """``unet/`` (diffusers), ``scheduler/``, ``context.safetensors``, then ``uld_backbone.json`` last."""
+        import copy
+
         from safetensors.torch import save_file
 
         from pipeline.backbones.common import atomic_dir, quiet_diffusers
@@ -82,16 +133,22 @@ class ContextDDPM(torch.nn.Module):
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        net = self.unet.net
+        if dtype is not None and dtype != next(net.parameters()).dtype:
+            with quiet_diffusers():
+                net = copy.deepcopy(net).to("cpu", dtype)
         with atomic_dir(path / "unet") as tmp, quiet_diffusers():
-            self.unet.save_pretrained(tmp, safe_serialization=True)
+            net.save_pretrained(tmp, safe_serialization=True)
         with atomic_dir(path / "scheduler") as tmp:
             self.scheduler.save_pretrained(tmp)
-        save_file({"context": self.context.detach().cpu().contiguous()}, str(path / CONTEXT_FILE))
-        write_json(path / META_FILE, {"kind": KIND, "format_version": 1, "n_context": int(self.context.shape[0])})
+        save_file({"context": self.unet.context.detach().cpu().float().contiguous()}, str(path / CONTEXT_FILE))
+        self.meta = {**self.meta, **(extra_meta or {}), "n_context": int(self.unet.context.shape[0]),
+                     "weights_dtype": str(dtype or next(net.parameters()).dtype).replace("torch.", "")}
+        write_json(path / META_FILE, self.meta)
         return path
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "ContextDDPM":
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", name: str | None = None) -> "ContextDDPM":
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from safetensors.torch import load_file
 
@@ -100,12 +157,12 @@ class ContextDDPM(torch.nn.Module):
         path = Path(path)
         if not is_context_ddpm(path):
             raise BackboneError(f"{path} is not a context-DDPM folder", where=str(path),
-                                fix="train one (pipeline.backbones.context_ddpm.train_context_ddpm) or pass a Stable Diffusion folder")
+                                fix="train one (`uld backbone train --kind context-ddpm`) or pass a Stable Diffusion folder")
         with quiet_diffusers():
-            unet = UNet2DConditionModel.from_pretrained(str(path / "unet"))
+            net = UNet2DConditionModel.from_pretrained(str(path / "unet"), torch_dtype=torch.float32)
             scheduler = DDPMScheduler.from_pretrained(str(path / "scheduler"))
-        model = cls(unet, scheduler, load_file(str(path / CONTEXT_FILE))["context"], name=path.name)
-        return model.to(device)
+        unet = ContextUNet(net, load_file(str(path / CONTEXT_FILE))["context"])
+        return cls(unet, scheduler, name=name or path.name, meta=json.loads((path / META_FILE).read_text()), device=device)
 
 
 def is_context_ddpm(path: str | Path) -> bool:
@@ -118,27 +175,27 @@ def context_ddpm_loss(model: ContextDDPM, x0: torch.Tensor, generator: torch.Gen
     T = int(model.scheduler.config.num_train_timesteps)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     t = torch.randint(0, T, (x0.shape[0],), generator=generator).to(x0.device)
-    return torch.nn.functional.mse_loss(model(model.scheduler.add_noise(x0, noise, t), t), noise)
+    return torch.nn.functional.mse_loss(model.unet(model.scheduler.add_noise(x0, noise, t), t).sample, noise)
 
 
 def train_context_ddpm(model: ContextDDPM, crops: np.ndarray, steps: int, batch_size: int = 16, lr: float = 5e-4, seed: int = 0,
                        grad_clip: float = 1.0) -> list[float]:
-    """Train the UNet and its context in place on uint8 crops (N, S, S, 3); returns the loss per step.
+    """A bare training loop (no EMA, no checkpoints) of UNet + context on uint8 crops (N, S, S, 3); the loss per step.
 
-    AdamW, gradient clipping, all randomness from one generator seeded by ``seed``.
-    (No EMA or checkpoints: the full trainer with both is ``pipeline.backbones.training.train_ddpm``,
-    which does not know this model yet.)
+    AdamW, gradient clipping, all randomness from one generator seeded by
+    ``seed``. For real runs use ``uld backbone train --kind context-ddpm``
+    (:func:`pipeline.backbones.training.train_ddpm`: EMA weights, resumable checkpoints).
     """
     crops = np.asarray(crops)
     S = model.image_size
     if crops.ndim != 4 or crops.shape[1:] != (S, S, 3) or crops.dtype != np.uint8 or not len(crops):
         raise DatasetError(f"training crops must be uint8 (N, {S}, {S}, 3), got {crops.dtype} {crops.shape}",
                            where="train_context_ddpm(crops)", fix=f"load crops at the model's image size ({S})")
-    device = next(model.parameters()).device
+    device = model.device
     data = torch.from_numpy(np.ascontiguousarray(crops))
     gen = torch.Generator().manual_seed(int(seed))
-    model.train().requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    model.unet.train().requires_grad_(True)
+    opt = torch.optim.AdamW(model.unet.parameters(), lr=lr, weight_decay=1e-4)
     losses = []
     for _ in range(int(steps)):
         idx = torch.randint(0, len(data), (batch_size,), generator=gen)
@@ -146,8 +203,8 @@ def train_context_ddpm(model: ContextDDPM, crops: np.ndarray, steps: int, batch_
         loss = context_ddpm_loss(model, x0, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.unet.parameters(), grad_clip)
         opt.step()
         losses.append(float(loss.detach()))
-    model.eval().requires_grad_(False)
+    model.unet.eval().requires_grad_(False)
     return losses

@@ -59,8 +59,9 @@ def from_context_ddpm(model: Any) -> ConditionedUNet:
     """Wrap a :class:`ContextDDPM` (pixels are the UNet input; its learned context is not used)."""
     from pipeline.backbones.base import weights_hash
 
-    return ConditionedUNet(model.unet, model.scheduler, lambda x: x.to(next(model.unet.parameters()).dtype), 1, "context-ddpm",
-                           {"kind": "context-ddpm", "weights": weights_hash(model.unet)})
+    net = model.unet.net
+    return ConditionedUNet(net, model.scheduler, lambda x: x.to(next(net.parameters()).dtype), 1, "context-ddpm",
+                           {"kind": "context-ddpm", "weights": weights_hash(net)})
 
 
 def load_conditioned_unet(spec: str, device: str = "cpu", home: str | Path | None = None) -> ConditionedUNet:
