@@ -90,3 +90,26 @@ def test_served_features_deployment_runs_from_the_api_and_writes_its_store(tmp_p
         except subprocess.TimeoutExpired:
             server.kill()
         subprocess.run([*uld, "ui", "--stop"], capture_output=True, text=True, env=env, timeout=120, cwd=REPO)
+
+
+def test_zeroshot_and_train_entry_flows_run_the_stage_flows_with_form_parameters(prefect_harness, tmp_path):
+    """What a UI form sends reaches the real stage flows: a ZeroShot run and a one-round D-ULD run."""
+    from flows.deployments import train_entry, zeroshot_entry
+    from pipeline.datasets.registry import get_loader
+    from pipeline.datasets.synthetic import generate_synthetic
+    from storage.layout import Workspace
+
+    home = tmp_path / "ws"
+    ws = Workspace(home)
+    root = generate_synthetic(tmp_path / "synthetic", 12, 4, 32, 0)
+    for split in ("train", "test"):
+        get_loader("synthetic").load(root, split)[0].save(ws.manifest("synthetic", split))
+    run = zeroshot_entry("synthetic", k=3, backbone="pixels", size=32, run_id="zs-form", n_samples_per_image=20, device="cpu", home=str(home))
+    assert run == "zs-form" and (ws.run_dir("zs-form") / "keypoints.parquet").is_file()
+    folder = train_entry("synthetic", method="mallis-d", k=3, rounds=1, steps_per_round=2, bootstrap_steps=2, backbone="pixels", size=32,
+                         run_id="md-form", device="cpu", home=str(home))
+    assert folder == str(ws.run_dir("md-form"))
+    import json
+
+    assert json.loads((ws.run_dir("md-form") / "config.json").read_text())["method"] == "mallis-d"
+    assert (ws.run_dir("md-form") / "metrics.parquet").is_file()
