@@ -40,6 +40,8 @@ def summary_table(home: str | Path, run_id: str, extra: tuple[str, ...] = ()) ->
         table = shared.reset_index().assign(k=-1, protocol="", box="").set_index(_INDEX)
     elif not shared.empty:
         table = table.reset_index().merge(shared.reset_index(), on=["method", "stage", "round"], how="left", suffixes=("", "_train")).set_index(_INDEX)
+    # rounds in the order they ran (stage names sort otherwise: D-ULD++'s "duldpp" before "proxy")
+    table = table.sort_index(level=["method", "round"], sort_remaining=True)
     return table[[c for c in wanted if c in table.columns]]
 
 
