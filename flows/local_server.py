@@ -121,6 +121,10 @@ def start_server(prefect_home: Path, port: int = DEFAULT_PORT, wait_s: float = 1
         ) from None
     env = {**os.environ, "PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)  # the server itself must not try to report to a server
+    # The UI (JavaScript in the browser) calls the API at PREFECT_UI_API_URL, which otherwise
+    # defaults to port 4200 whatever --port says: with another port every page showed
+    # "Can't connect to Server API" (seen in headless Chromium).
+    env["PREFECT_UI_API_URL"] = f"http://{HOST}:{int(port)}/api"
     with log:
         # A new session: the server outlives this command and ignores its terminal's Ctrl-C.
         proc = subprocess.Popen(

@@ -53,6 +53,11 @@ def test_served_features_deployment_runs_from_the_api_and_writes_its_store(tmp_p
     uld = [sys.executable, "-c", "from flows.cli import main; main()"]
     up = subprocess.run([*uld, "ui", "--port", str(port)], capture_output=True, text=True, env=env, timeout=400, cwd=REPO)
     assert up.returncode == 0, up.stderr
+    import urllib.request
+
+    # The browser UI must call the API on this port, not Prefect's default 4200.
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ui-settings", timeout=10) as resp:
+        assert json.load(resp)["api_url"] == f"http://127.0.0.1:{port}/api"
     server = subprocess.Popen([*uld, "deploy", "--only", "features"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     try:
         # A client in another process: wait for the deployment, start a run with UI-style parameters, wait for it.
