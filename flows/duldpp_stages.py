@@ -117,8 +117,12 @@ def save_codes(path: Path, rows: np.ndarray, codes: np.ndarray) -> None:
             np.savez(fh, rows=rows, codes=codes)
 
 
-def load_codes(path: Path) -> np.ndarray:
+def load_codes(path: Path, rows: np.ndarray) -> np.ndarray:
+    """The checkpoint's train pose codes, which must be those of the store rows ``rows`` in that order."""
     with np.load(path / CODES_NAME) as z:
+        if not np.array_equal(z["rows"], rows):
+            raise StoreError("the checkpoint's pose codes belong to other training images", where=str(path / CODES_NAME),
+                             fix="resume with the run's own feature store, or start a new run")
         return z["codes"]
 
 
@@ -216,7 +220,7 @@ def run_stage(ctx: RunContext, round_: int) -> None:
                                                     optimizer_for=lambda m: make_duldpp_optimizer(m, vae, "latent", cfg) if carry else None)
         if optimizer is None:
             optimizer = make_duldpp_optimizer(model, vae, "latent", cfg)
-        labels = tsc_labels_task(ctx, round_, kp, load_codes(prev), tsc)
+        labels = tsc_labels_task(ctx, round_, kp, load_codes(prev, ctx.train_rows), tsc)
         train_tsc_task(ctx, round_, model, vae, optimizer, labels)
     else:  # pragma: no cover - flows.duld.round_flow runs the D-ULD rounds itself
         raise ValueError(f"{stage!r} is not a D-ULD++ stage (expected {PROXY!r} or {DULDPP!r}, {ROUND!r} is D-ULD's)")
