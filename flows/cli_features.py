@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         verify: bool = typer.Option(False, "--verify", help="Only check the store of this configuration: list missing, damaged or unfinished pieces (exit 2 if any); extract nothing."),
         deep: bool = typer.Option(False, "--deep", help="Also decode every stored chunk (checks each CRC32C; reads the whole store). With --verify: report; without: re-extract what fails."),
         dask_address: str = typer.Option(None, "--dask-address", help="Run the shard tasks on this Dask scheduler (tcp://HOST:8786; workers must see the workspace and images). Needs the [dask] extra."),
-        dask_workers: int = typer.Option(None, "--dask-workers", help="Run the shard tasks on a local Dask cluster of N single-threaded worker processes (one per GPU or core). Needs the [dask] extra."),
+        dask_workers: int = typer.Option(None, "--dask-workers", help="Run the shard tasks on a local Dask cluster of N single-threaded worker processes (0: one per GPU, else one per core). Needs the [dask] extra."),
     ) -> None:
         """Extract diffusion hyperfeatures of every train and test image into a sharded Zarr store.
 

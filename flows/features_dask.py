@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,10 +109,21 @@ def _worker_device(device: str) -> str:
     return resolved
 
 
+def default_workers() -> int:
+    """One worker per visible GPU, else one per CPU core (``--dask-workers 0``)."""
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        gpus = 0
+    return gpus or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
 def dask_task_runner(address: str | None = None, workers: int | None = None) -> Any:
     """Prefect's ``DaskTaskRunner`` for an existing scheduler (``address``) or a new LocalCluster.
 
-    The LocalCluster has ``workers`` processes with one thread each: one model
+    The LocalCluster has ``workers`` processes (0: :func:`default_workers`) with one thread each: one model
     call at a time per worker, so N workers use N cores (or N GPUs) and never
     oversubscribe them.
     """
@@ -121,8 +133,10 @@ def dask_task_runner(address: str | None = None, workers: int | None = None) -> 
             where="uld features",
             fix="--dask-address tcp://HOST:8786 for a running cluster, or --dask-workers N for a local one",
         )
-    if workers is not None and workers < 1:
-        raise DaskSetupError(f"--dask-workers must be >= 1, got {workers}", where="--dask-workers", fix="use e.g. 2")
+    if workers is not None and workers < 0:
+        raise DaskSetupError(f"--dask-workers must be >= 0, got {workers}", where="--dask-workers", fix="use e.g. 2, or 0 for one per GPU (else per core)")
+    if workers == 0:
+        workers = default_workers()
     if address is not None and "://" not in address:
         raise DaskSetupError(
             f"--dask-address {address!r} is not a scheduler address", where="--dask-address", fix="use tcp://HOST:PORT (e.g. tcp://127.0.0.1:8786)"

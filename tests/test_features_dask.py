@@ -50,14 +50,16 @@ def dataset(tmp_path_factory):
 
 
 def test_dask_options_are_checked_before_any_work():
-    from flows.features_dask import DaskSetupError, dask_task_runner
+    from flows.features_dask import DaskSetupError, dask_task_runner, default_workers
 
     with pytest.raises(DaskSetupError, match="exactly one"):
         dask_task_runner(None, None)
     with pytest.raises(DaskSetupError, match="exactly one"):
         dask_task_runner("tcp://127.0.0.1:8786", 2)
-    with pytest.raises(DaskSetupError, match=">= 1"):
-        dask_task_runner(None, 0)
+    with pytest.raises(DaskSetupError, match=">= 0"):
+        dask_task_runner(None, -1)
+    # 0: one worker per GPU, else per core (no GPU here: the cores this process may use).
+    assert dask_task_runner(None, 0).cluster_kwargs["n_workers"] == default_workers() >= 1
     with pytest.raises(DaskSetupError, match="scheduler address"):
         dask_task_runner("127.0.0.1", None)
     runner = dask_task_runner(None, 2)
