@@ -74,6 +74,7 @@ from pipeline.methods.duld import (
     train_bootstrap,
     train_self_round,
 )
+from flows.artifacts import publish_round_artifacts
 from storage.atomic import atomic_path, write_json
 from storage.features import FeatureStore
 from storage.feature_loader import make_loader
@@ -424,17 +425,20 @@ def bootstrap_flow(ctx: RunContext) -> None:
     model, optimizer = train_bootstrap_task(ctx)
     labeller, kp, rows = evaluate_task(ctx, 0, model)
     save_checkpoint(checkpoint_dir(ctx, BOOTSTRAP, 0), model, optimizer, labeller, kp, _state(ctx, 0, rows))
+    publish_round_artifacts(ctx.home, ctx.run_id, BOOTSTRAP, 0)
 
 
 @flow(name="duld-round", validate_parameters=False)
 def round_flow(ctx: RunContext, round_: int) -> None:
     """One self-training round, starting from the previous round's checkpoint (D-ULD++'s own
     stages, ``ctx.stage_of``, run from ``flows.duldpp_stages``)."""
-    stage, _ = ctx.stage_of(round_)
+    stage, stage_round = ctx.stage_of(round_)
     if stage != ROUND:
         from flows.duldpp_stages import run_stage
 
-        return run_stage(ctx, round_)
+        run_stage(ctx, round_)
+        publish_round_artifacts(ctx.home, ctx.run_id, stage, stage_round)
+        return
     prev_stage, prev_round = ctx.stage_of(round_ - 1)
     # The previous round's evaluation already ran these heads over the train images and
     # clustered their descriptors: its checkpoint holds both, so nothing is recomputed.
@@ -443,6 +447,8 @@ def round_flow(ctx: RunContext, round_: int) -> None:
     train_round_task(ctx, round_, model, optimizer, pl)
     labeller, kp, rows = evaluate_task(ctx, round_, model)
     save_checkpoint(checkpoint_dir(ctx, ROUND, round_), model, optimizer, labeller, kp, _state(ctx, round_, rows))
+    # the UI shows NME per round and the round's files (a Prefect artifact; nothing outside a flow run)
+    publish_round_artifacts(ctx.home, ctx.run_id, ROUND, round_)
 
 
 def _state(ctx: RunContext, round_: int, rows: pd.DataFrame) -> dict:
