@@ -168,6 +168,10 @@ def test_context_ddpm_training_step_round_trip_and_loader(tmp_path):
     torch.testing.assert_close(again(x, t), m(x, t))
     with pytest.raises(BackboneError, match="without cross-attention"):
         load_conditioned_unet(make_backbone(tmp_path / "plain-ddpm"))
+    from pipeline.backbones.loading import load_backbone
+
+    with pytest.raises(BackboneError, match="not a feature backbone"):
+        load_backbone(str(folder))
 
 
 def test_context_ddpm_through_the_ddpm_trainer_resumes_bit_identically(tmp_path):

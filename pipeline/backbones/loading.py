@@ -140,7 +140,15 @@ def load_backbone(spec: str, device: str = "cpu", home: str | Path | None = None
 
         return PixelFeatures(device=device, name=name)
     if kind == "ddpm":
+        from pipeline.backbones.context_ddpm import is_context_ddpm
         from pipeline.backbones.ddpm import CategoryDDPM
+
+        if is_context_ddpm(Path(source)):  # unet/ + scheduler/ like a DDPM, but a UNet2DConditionModel
+            raise BackboneError(
+                f"{source} is a context-DDPM (a UNet with cross-attention for StableKeypoints), not a feature backbone",
+                where=f"backbone spec {spec!r}",
+                fix="use it with `uld train --method stablekeypoints --backbone ...`; for features pass a DDPM or Stable Diffusion folder",
+            )
 
         return CategoryDDPM.from_pretrained(source, device=device, name=name)
     from pipeline.backbones.stable_diffusion import StableDiffusionBackbone
