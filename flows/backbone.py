@@ -147,6 +147,7 @@ def train_backbone(
     init_from: str | None = None,
     kind: str = "ddpm",
     context_tokens: int = 4,
+    precision: str = "auto",
 ) -> dict:
     """Train (or resume, or re-export) a DDPM backbone on ``dataset``; returns a summary dict.
 
@@ -193,7 +194,7 @@ def train_backbone(
         }
     config = TrainConfig(
         steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every, flip=flip,
-        init_weights=None if init is None else init["weights"],
+        init_weights=None if init is None else init["weights"], precision=precision,
     )
     config.validate()
 

@@ -264,3 +264,29 @@ def test_warm_start_from_exported_weights(prefect_harness, workspace, tmp_path):
         train_backbone(steps=2, name="third", init_from=str(tmp_path / "first"), channels=(8, 16, 32, 64), **common)
     with pytest.raises(ConfigError, match="32 px"):
         train_backbone(**{**common, "image_size": 64}, steps=2, name="fourth", init_from=str(tmp_path / "first"))
+
+
+def test_precision_choice(monkeypatch):
+    from pipeline.backbones import training
+
+    cpu = torch.device("cpu")
+    assert training.autocast_dtype("fp32", cpu) is None
+    assert training.autocast_dtype("bf16", cpu) is torch.bfloat16
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
+    assert training.autocast_dtype("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)
+    assert training.autocast_dtype("auto", cpu) is None
+    with pytest.raises(ConfigError, match="precision"):
+        TrainConfig(precision="fp16").validate()
+
+
+def test_bf16_training_records_its_precision_and_resumes_in_fp32(tmp_path):
+    # precision is not part of the trajectory: a run may continue on a machine without bf16
+    crops = blobs(8)
+    first = train_ddpm(tiny_model(), crops, TrainConfig(steps=3, batch_size=4, lr=1e-3, checkpoint_every=3, precision="bf16"),
+                       checkpoint_dir=tmp_path / "c", progress=False)
+    assert np.isfinite(first.losses).all()
+    more = train_ddpm(tiny_model(), crops, TrainConfig(steps=5, batch_size=4, lr=1e-3, checkpoint_every=3, precision="fp32"),
+                      checkpoint_dir=tmp_path / "c", progress=False)
+    assert more.resumed_from == 3 and len(more.losses) == 5
+    assert [seg["precision"] for seg in more.segments] == ["bf16", "fp32"]
