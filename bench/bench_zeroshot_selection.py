@@ -43,12 +43,13 @@ def main() -> None:
     ap.add_argument("--min-presence", default="0.8")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--n-val", type=int, default=150, help="validation images taken from the train split")
+    ap.add_argument("--roi", default="box", choices=["box", "foreground"], help="pixels sampled: the object box, or also the unsupervised foreground (uld zeroshot --roi)")
     ap.add_argument("--out", type=Path, default=None, help="append a Markdown section here")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
     from flows.probe import ground_truth, validation_rows
-    from flows.zeroshot import iter_batches, store_rois
+    from flows.zeroshot import iter_batches, object_masks, store_rois
     from pipeline.datasets.crop import to_original
     from pipeline.evaluation import EvalData, evaluate_nme, hungarian_accuracy
     from pipeline.methods.zeroshot import ZeroShot
@@ -57,7 +58,10 @@ def main() -> None:
     store = FeatureStore.open(args.store)
     S = store.image_size
     val, fit = validation_rows(store, args.n_val, 0)
-    parts = [(rows, ground_truth(args.home, args.dataset, store, rows), store_rois(args.home, args.dataset, store, rows)) for rows in (fit, val)]
+    parts = [
+        (rows, ground_truth(args.home, args.dataset, store, rows), store_rois(args.home, args.dataset, store, rows), object_masks(store, rows, args.roi))
+        for rows in (fit, val)
+    ]
     rows_out = []
     for m in (int(v) for v in args.candidates.split(",")):
         for pres in (float(v) for v in args.min_presence.split(",")):
@@ -66,10 +70,10 @@ def main() -> None:
             for seed in (int(v) for v in args.seeds.split(",")):
                 t0 = time.perf_counter()
                 model = ZeroShot(n_clusters=args.k, crop_size=S, seed=seed, n_candidates=m, min_presence=pres, use_gpu=False)
-                model.fit(iter_batches(store, fit, 32), parts[0][2], progress=False)
+                model.fit(iter_batches(store, fit, 32), parts[0][2], progress=False, masks=parts[0][3])
                 data = []
-                for rows, gt, rois in parts:
-                    lms = model.predict(iter_batches(store, rows, 32), rois, progress=False)
+                for rows, gt, rois, masks in parts:
+                    lms = model.predict(iter_batches(store, rows, 32), rois, progress=False, masks=masks)
                     coords = to_original(lms.coords, gt["boxes"], S)
                     data.append(EvalData.from_pixels(coords, lms.present, gt["landmarks"], gt["norm"], gt["boxes"], yaw=gt["yaw"], image_ids=gt["ids"]))
                 rep = evaluate_nme(data[0], data[1], n_regressor_images=300, repeats=5, seed=seed)
@@ -87,7 +91,7 @@ def main() -> None:
         hung=("hungarian", "mean"), hung_sd=("hungarian", "std"),
     ).reset_index()
     lines = [
-        f"\n## {args.dataset}: store {args.store.name}, K = {args.k}, {len(val)} validation / {len(fit)} fit images of the train split",
+        f"\n## {args.dataset}: store {args.store.name}, K = {args.k}, RoI {args.roi}, {len(val)} validation / {len(fit)} fit images of the train split",
         f"\nMachine: {machine()}, {torch.get_num_threads()} torch thread; seeds {args.seeds} (mean +- std).\n",
         "| candidates M | min presence | seeds | forward NME | backward NME | Hungarian acc |",
         "|---|---|---|---|---|---|",
