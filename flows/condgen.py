@@ -28,7 +28,6 @@ the resumed run gives the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +41,13 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline.errors import ConfigError, StoreError
 from pipeline.methods.condgen import CondGenConfig, CondGenLandmarks, make_estimator
-from storage.atomic import atomic_path, write_json
+from storage.atomic import atomic_path
+from storage import step_checkpoints
 from storage.layout import Workspace
 from storage.locks import claim, releases_claims
 
 STAGE = "train"
-STATE_NAME = "state.json"
+STATE_NAME = step_checkpoints.STATE_NAME
 WEIGHTS_NAME = "model.safetensors"
 OPTIMIZER_NAME = "optimizer.pt"
 # Settings that must match for --resume to continue a run.
@@ -74,40 +74,27 @@ def checkpoint_root(home: Path, run_id: str) -> Path:
 
 
 def save_checkpoint(root: Path, est: CondGenLandmarks) -> Path:
-    """``step-NNNNNN/``: weights (safetensors), Adam state, then ``state.json`` last; older ones removed after."""
+    """``step-NNNNNN/``: weights (safetensors), Adam state, then ``state.json`` last (storage.step_checkpoints)."""
     from safetensors.torch import save_file
 
-    path = root / f"step-{est.step_:06d}"
-    marker = path / STATE_NAME
-    if marker.exists():
-        marker.unlink()  # rewriting: it must not look finished half-way
-    path.mkdir(parents=True, exist_ok=True)
+    path = step_checkpoints.begin(root, est.step_)
     state = est.state_dict()
     with atomic_path(path / WEIGHTS_NAME) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in state["net"].items()}, str(tmp))
     with atomic_path(path / OPTIMIZER_NAME) as tmp:
         torch.save(state["optimizer"], tmp)
-    write_json(marker, {"step": int(est.step_), "image_size": int(est.image_size_), "method": est.method,
-                        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    # Only now that the new one is complete: a crash never leaves a run without a checkpoint.
-    for old in root.glob("step-*"):
-        if old != path and old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-    return path
+    return step_checkpoints.finish(path, {"step": int(est.step_), "image_size": int(est.image_size_), "method": est.method})
 
 
 def last_checkpoint(root: Path) -> Path | None:
     """The finished checkpoint with the most steps, or None."""
-    done = sorted(p for p in root.glob("step-*") if (p / STATE_NAME).is_file())
-    return done[-1] if done else None
+    return step_checkpoints.last(root)
 
 
 def load_checkpoint(path: Path, est: CondGenLandmarks) -> CondGenLandmarks:
     from safetensors.torch import load_file
 
-    if not (path / STATE_NAME).is_file():
-        raise StoreError("checkpoint is unfinished (no state.json)", where=str(path), fix="resume again: it starts from the last finished checkpoint")
-    meta = json.loads((path / STATE_NAME).read_text())
+    meta = step_checkpoints.read_state(path)
     return est.load_state_dict({
         "net": load_file(str(path / WEIGHTS_NAME)),
         "optimizer": torch.load(path / OPTIMIZER_NAME, weights_only=True),

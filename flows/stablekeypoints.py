@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,12 +38,13 @@ from flows.condgen import CropSet, append_train_log, load_crops_task, resolve_ru
 from pipeline.errors import ConfigError, StoreError
 from pipeline.methods.stablekeypoints import ConditionedUNet, StableKeypoints, StableKeypointsConfig
 from storage.atomic import atomic_path, write_json
+from storage import step_checkpoints
 from storage.layout import Workspace
 from storage.locks import claim, releases_claims
 
 METHOD = "stablekeypoints"
 STAGE = "train"
-STATE_NAME = "state.json"
+STATE_NAME = step_checkpoints.STATE_NAME
 TOKENS_NAME = "tokens.safetensors"
 _RESUME_KEYS = ("method", "dataset", "stablekeypoints", "backbone_identity", "size", "crop_margin")
 
@@ -61,31 +61,23 @@ def checkpoint_root(home: Path, run_id: str) -> Path:
 
 
 def save_checkpoint(root: Path, est: StableKeypoints) -> Path:
-    """``step-NNNNNN/``: tokens + Adam tensors (safetensors, nothing pickled), then ``state.json`` last."""
+    """``step-NNNNNN/``: tokens + Adam tensors (safetensors, nothing pickled), then ``state.json`` last
+    (storage.step_checkpoints)."""
     from safetensors.torch import save_file
 
     from pipeline.backbones.training import optimizer_state_to_flat
 
-    path = root / f"step-{est.step_:06d}"
-    marker = path / STATE_NAME
-    if marker.exists():
-        marker.unlink()
-    path.mkdir(parents=True, exist_ok=True)
+    path = step_checkpoints.begin(root, est.step_)
     state = est.state_dict()
     opt_tensors, opt_meta = optimizer_state_to_flat(state["optimizer"])
     with atomic_path(path / TOKENS_NAME) as tmp:
         save_file({"tokens": state["tokens"].contiguous(), **opt_tensors}, str(tmp))
-    write_json(marker, {"step": int(est.step_), "optimizer": opt_meta, "method": METHOD,
-                        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    for old in root.glob("step-*"):  # only once the new one is complete
-        if old != path and old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-    return path
+    return step_checkpoints.finish(path, {"step": int(est.step_), "optimizer": opt_meta, "method": METHOD})
 
 
 def last_checkpoint(root: Path) -> Path | None:
-    done = sorted(p for p in root.glob("step-*") if (p / STATE_NAME).is_file())
-    return done[-1] if done else None
+    """The finished checkpoint with the most steps, or None."""
+    return step_checkpoints.last(root)
 
 
 def load_checkpoint(path: Path, est: StableKeypoints) -> StableKeypoints:
@@ -93,9 +85,7 @@ def load_checkpoint(path: Path, est: StableKeypoints) -> StableKeypoints:
 
     from pipeline.backbones.training import optimizer_state_from_flat
 
-    if not (path / STATE_NAME).is_file():
-        raise StoreError("checkpoint is unfinished (no state.json)", where=str(path), fix="resume again: it starts from the last finished checkpoint")
-    meta = json.loads((path / STATE_NAME).read_text())
+    meta = step_checkpoints.read_state(path)
     tensors = load_file(str(path / TOKENS_NAME))
     return est.load_state_dict({"tokens": tensors["tokens"], "optimizer": optimizer_state_from_flat(tensors, meta["optimizer"]),
                                 "step": meta["step"]})
