@@ -17,6 +17,7 @@
       runs/<run_id>/checkpoints/<stage>-<round>/ safetensors + config.json
       runs/<run_id>/figures/*.png                plots
       probes/<dataset>/<backbone>/<store_hash>/  feature probe: probe.parquet + probe.png
+      ablations/<id>/                            `uld ablation`: ablation.parquet + ablation.md
       cache/backbone-identities.json             backbone identities by file content (storage.backbone_identities)
 
 Paths are computed here and nowhere else.
@@ -100,6 +101,11 @@ class Workspace:
     def report_dir(self, name: str) -> Path:
         """``reports/<name>/``: a comparison of several runs (`uld report R1 R2 --out`, the demo's)."""
         return self.home / "reports" / check_name("report name", name)
+
+    # ablations -------------------------------------------------------------
+    def ablation_dir(self, ablation_id: str) -> Path:
+        """``ablations/<id>/``: `uld ablation`'s ablation.parquet + ablation.md (its runs live under runs/)."""
+        return self.home / "ablations" / check_name("ablation id", ablation_id)
 
     # caches ---------------------------------------------------------------
     def backbone_identities(self) -> Path:

@@ -147,6 +147,25 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("box", pa.string()),
         ]
     ),
+    # `uld ablation` (flows.ablation): one row per (ablation, table row, seed, pick, metric), long format.
+    # ``row`` is the table row's label (e.g. "D-ULD + pose proxy"); ``pick`` = "last" (the method's
+    # last round) or "best" (its round with the lowest test forward NME); ``note`` says why a row
+    # was not run (then ``run_id`` is '' and ``value`` NaN).
+    "ablation": pa.schema(
+        [
+            pa.field("ablation_id", pa.string()),
+            pa.field("row", pa.string()),
+            pa.field("method", pa.string()),
+            pa.field("stage", pa.string()),
+            pa.field("round", pa.int32()),
+            pa.field("seed", pa.int32()),
+            pa.field("run_id", pa.string()),
+            pa.field("pick", pa.string()),
+            pa.field("metric", pa.string()),
+            pa.field("value", pa.float64()),
+            pa.field("note", pa.string()),
+        ]
+    ),
     # Feature probe (``uld backbone probe``): transfer PCK per feature combination, one row
     # per (combination, kind, landmark); landmark = -1 is the overall PCK. ``features`` is the
     # '+'-joined sorted keys; layer / timestep are set when the combination has one layer /
