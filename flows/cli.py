@@ -58,9 +58,9 @@ def settings(ctx: typer.Context) -> Settings:
 
 def _register_commands() -> None:
     # Each stage's commands live beside its flow; the order here is the order in --help.
-    from flows import cli_backbone, cli_datasets, cli_demo, cli_deploy, cli_discover, cli_duld, cli_evaluate, cli_features, cli_predict, cli_report, cli_train, cli_ui, cli_zeroshot
+    from flows import cli_ablation, cli_backbone, cli_datasets, cli_demo, cli_deploy, cli_discover, cli_duld, cli_evaluate, cli_features, cli_predict, cli_report, cli_train, cli_ui, cli_zeroshot
 
-    for module in (cli_demo, cli_datasets, cli_backbone, cli_features, cli_zeroshot, cli_train, cli_duld, cli_evaluate, cli_predict, cli_report, cli_discover, cli_ui, cli_deploy):
+    for module in (cli_demo, cli_datasets, cli_backbone, cli_features, cli_zeroshot, cli_train, cli_duld, cli_ablation, cli_evaluate, cli_predict, cli_report, cli_discover, cli_ui, cli_deploy):
         module.register(app)
 
 
