@@ -72,6 +72,14 @@ def test_ablation_writes_every_row_and_resumes(runs, tmp_path):
     for key, m in (("zeroshot-paper", K), ("zeroshot", 4 * K)):
         cfg = json.loads((Workspace(runs.home).run_dir(f"abl-{ABLATION}-{key}-s0") / "config.json").read_text())
         assert cfg["model"]["n_candidates"] == m
+    # the ablation is incremental: D-ULD++'s D-ULD rounds are the D-ULD run's (same engine path, seeds and schedule)
+    from flows.results import metrics_table
+
+    def round_nme(key: str) -> float:
+        m = metrics_table(runs.home, f"abl-{ABLATION}-{key}-s0")
+        return float(m[(m["round"] == 1) & (m["split"] == "test") & (m["metric"] == "nme_forward")]["value"].iloc[0])
+
+    assert round_nme("duldpp") == round_nme("duld")
     not_run = frame[frame["note"] != ""]
     assert set(not_run["row"]) == {"+ TSC w/ full VAE"} and not_run["value"].isna().all()
 
@@ -91,6 +99,7 @@ def test_ablation_writes_every_row_and_resumes(runs, tmp_path):
     assert "| + TSC (D-ULD++) |" in again.output
     frame2 = read_table(folder / "ablation.parquet", "ablation")
     pd.testing.assert_frame_equal(frame2, frame)
+    print(f"ablation: first run {first:.1f} s, re-run {second:.1f} s")
     assert second < first, (first, second)
 
 
