@@ -614,7 +614,6 @@ def duld(
         config["evaluation"] = dict(evaluation)
     run_id, resuming = resolve_run(home, run_id, resume, config)
     claim(Workspace(home).run_dir(run_id), "run")  # one writer per run folder, until this flow returns
-    write_run_config(home, run_id, config)
     rois = None
     if roi:
         from flows.zeroshot import store_rois
@@ -629,6 +628,9 @@ def duld(
 
         path = extract_view_features(dataset, backbone, store.path, cfg.views, home=home, device=device)
         view_store = ViewStore.open(path)
+    # The run exists (config.json) only once its inputs check out: a command that fails on them
+    # (e.g. views of another backbone) leaves no run behind that the corrected command would trip over.
+    write_run_config(home, run_id, config)
     ctx = RunContext(home, run_id, dataset, store, train_rows, test_rows, cfg, heads, int(seed), progress, rois=rois, views=view_store,
                      evaluation=dict(evaluation or {}), method=method, labeller=labeller_spec, duldpp=pp)
     total = ctx.total_rounds(rounds)

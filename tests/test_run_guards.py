@@ -78,3 +78,18 @@ def test_zeroshot_and_baselines_refuse_a_run_another_writer_holds(workspace, sto
         with pytest.raises(BusyError, match="busy"):
             reference_baseline("toy", "random", "rand", None, home=workspace.home, run_id="busy", store_path=store.path)
     assert not workspace.run_file("busy", "config.json").exists()
+
+
+def test_a_duld_run_that_fails_on_its_inputs_leaves_no_run_behind(workspace, store, prefect_harness):
+    # The toy store has no images behind it, so its augmented views cannot be made: the run must
+    # not be registered (no config.json), so the same (or corrected) command is not told
+    # "run already exists, pass --resume".
+    from flows.duld import duld
+    from pipeline.errors import ULDError
+
+    args = dict(k=3, rounds=1, steps_per_round=1, bootstrap_steps=1, batch_size=4, progress=False, store_path=store.path, roi=False)
+    for _ in range(2):
+        with pytest.raises(ULDError) as err:
+            duld("toy", "rand", None, home=workspace.home, run_id="bad-input", **args)
+        assert "already exists" not in str(err.value)
+        assert not workspace.run_file("bad-input", "config.json").exists()
