@@ -82,6 +82,14 @@ def _check_settings(ws: Workspace, ablation_id: str, settings: dict) -> None:
     write_json(path, settings)
 
 
+def check_seeds(seeds: tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """Distinct seeds, at least one (a repeated seed would count one run twice in the mean +- std)."""
+    seeds = tuple(int(s) for s in seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds must name distinct seeds, got {list(seeds)}", where="--seeds", fix="e.g. --seeds 0,1,2")
+    return seeds
+
+
 def _engine_run(home: Path, run_id: str) -> bool:
     """True when the engine run exists: it is then resumed, not started (the engine refuses an existing id otherwise)."""
     return Workspace(home).run_file(run_id, "config.json").is_file()
@@ -129,9 +137,7 @@ def ablation(
 
     home = Path(home)
     ws = Workspace(home)
-    seeds = tuple(int(s) for s in seeds)
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds must name distinct seeds, got {list(seeds)}", where="--seeds", fix="e.g. --seeds 0,1,2")
+    seeds = check_seeds(seeds)
     if min(rounds, tsc_rounds) < 1:
         raise ConfigError(f"--rounds and --tsc-rounds must be >= 1 (got {rounds}, {tsc_rounds}): the rows read their last round",
                           where="--rounds / --tsc-rounds")

@@ -50,12 +50,12 @@ def register(app: typer.Typer) -> None:
         paper's "+ TSC w/ full VAE" row is listed as not run (the engine has no such stage).
         Running the same command again resumes every run and finishes at once.
         """
-        from flows.ablation import ablation
+        from flows.ablation import ablation, check_seeds
         from flows.cli import settings
         from pipeline.datasets.augment_views import ViewAugmentConfig
 
         s = settings(ctx)
-        seed_list = int_list(seeds, "--seeds")
+        seed_list = check_seeds(int_list(seeds, "--seeds"))  # before Prefect starts: a typo fails at once
         evaluation = eval_options(protocol, box)
         spec = None if store is not None else feature_spec(size, timesteps, layers, crop_margin, reduce_channels, s.seed, backbone=backbone, home=s.home)
         views = ViewAugmentConfig(n_views=n_views, seed=0) if n_views > 0 else None

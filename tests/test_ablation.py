@@ -115,6 +115,17 @@ def test_ablation_refuses_other_settings_under_the_same_id(runs, tmp_path):
         _check_settings(ws, "a", {"k": 4, "rounds": 2})
 
 
+def test_ablation_cli_refuses_repeated_seeds(tmp_path):
+    from flows.ablation import check_seeds
+    from pipeline.errors import ConfigError
+
+    assert check_seeds([2, 0]) == (2, 0)
+    with pytest.raises(ConfigError, match="distinct"):
+        check_seeds([0, 0])
+    res = invoke_cli(tmp_path / "ws", _register, "ablation", "--dataset", "synthetic", "--seeds", "1,1")
+    assert res.exit_code != 0 and isinstance(res.exception, ConfigError)
+
+
 def test_markdown_mean_and_std_over_seeds():
     from flows.ablation_table import BEST, LAST, METRICS, ROWS, render_markdown
 
