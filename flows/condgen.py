@@ -31,6 +31,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -133,26 +134,33 @@ def load_crops_task(home: Path, dataset: str, size: int, crop_margin: float, pro
     return CropSet(images, ids, splits, boxes.astype(np.float32), int(size))
 
 
+def fit_with_checkpoints(home: Path, run_id: str, est: Any, images: np.ndarray, save: Callable[[Path, Any], Path],
+                         checkpoint_every: int, stop_after: int | None, progress: bool, label: str) -> Any:
+    """``est.fit(images)`` from ``est.step_`` with a checkpoint (``save(root, est)``) every
+    ``checkpoint_every`` steps and at the end; the train log is appended before each checkpoint,
+    so a checkpoint never points past the log. Shared by every image-trained method."""
+    root = checkpoint_root(home, run_id)
+    start, logged = est.step_, len(est.history_)
+
+    def on_checkpoint(e: Any) -> None:
+        nonlocal logged
+        append_train_log(home, run_id, e.history_[logged:])
+        logged = len(e.history_)
+        save(root, e)
+
+    t0 = time.perf_counter()
+    est.fit(images, stop_after=stop_after, checkpoint_every=checkpoint_every, on_checkpoint=on_checkpoint, progress=progress)
+    if est.step_ > start:
+        print(f"{label}: steps {start}..{est.step_} in {time.perf_counter() - t0:.0f} s, last loss {est.history_[-1]['loss']:.4f}")
+    return est
+
+
 @task(name="train", cache_policy=NO_CACHE, persist_result=False)
 def train_task(home: Path, run_id: str, est: CondGenLandmarks, crops: CropSet, checkpoint_every: int,
                stop_after: int | None, progress: bool) -> CondGenLandmarks:
     """Fit on the training crops from ``est.step_``; a checkpoint every ``checkpoint_every`` steps and at the end."""
-    root = checkpoint_root(home, run_id)
-    start, logged = est.step_, len(est.history_)
-
-    def on_checkpoint(e: CondGenLandmarks) -> None:
-        nonlocal logged
-        # Log first, checkpoint second: a checkpoint never points past the log.
-        append_train_log(home, run_id, e.history_[logged:])
-        logged = len(e.history_)
-        save_checkpoint(root, e)
-
-    t0 = time.perf_counter()
-    est.fit(crops.images[crops.indices("train")], stop_after=stop_after, checkpoint_every=checkpoint_every,
-            on_checkpoint=on_checkpoint, progress=progress)
-    if est.step_ > start:
-        print(f"{est.method}: steps {start}..{est.step_} in {time.perf_counter() - t0:.0f} s, last loss {est.history_[-1]['loss']:.4f}")
-    return est
+    return fit_with_checkpoints(home, run_id, est, crops.images[crops.indices("train")], save_checkpoint,
+                                checkpoint_every, stop_after, progress, est.method)
 
 
 @task(name="predict", cache_policy=NO_CACHE, persist_result=False)

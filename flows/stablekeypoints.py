@@ -34,7 +34,7 @@ import torch
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.condgen import CropSet, append_train_log, load_crops_task, resolve_run
+from flows.condgen import CropSet, fit_with_checkpoints, load_crops_task, resolve_run
 from pipeline.errors import ConfigError, StoreError
 from pipeline.methods.stablekeypoints import ConditionedUNet, StableKeypoints, StableKeypointsConfig
 from storage.atomic import atomic_path, write_json
@@ -102,21 +102,9 @@ def load_unet_task(backbone: str, home: Path, device: str) -> ConditionedUNet:
 @task(name="train", cache_policy=NO_CACHE, persist_result=False)
 def train_task(home: Path, run_id: str, est: StableKeypoints, crops: CropSet, checkpoint_every: int,
                stop_after: int | None, progress: bool) -> StableKeypoints:
-    root = checkpoint_root(home, run_id)
-    start, logged = est.step_, len(est.history_)
-
-    def on_checkpoint(e: StableKeypoints) -> None:
-        nonlocal logged
-        append_train_log(home, run_id, e.history_[logged:])  # log first: a checkpoint never points past the log
-        logged = len(e.history_)
-        save_checkpoint(root, e)
-
-    t0 = time.perf_counter()
-    est.fit(crops.images[crops.indices("train")], stop_after=stop_after, checkpoint_every=checkpoint_every,
-            on_checkpoint=on_checkpoint, progress=progress)
-    if est.step_ > start:
-        print(f"{METHOD}: steps {start}..{est.step_} in {time.perf_counter() - t0:.0f} s, last loss {est.history_[-1]['loss']:.4f}")
-    return est
+    """Optimise the tokens on the training crops from ``est.step_``, with checkpoints (flows.condgen.fit_with_checkpoints)."""
+    return fit_with_checkpoints(home, run_id, est, crops.images[crops.indices("train")], save_checkpoint,
+                                checkpoint_every, stop_after, progress, METHOD)
 
 
 @task(name="select", cache_policy=NO_CACHE, persist_result=False)
