@@ -14,6 +14,7 @@ Prints one row per (M, min_presence, seed) and the mean +- std per setting.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import time
@@ -41,6 +42,7 @@ def main() -> None:
     ap.add_argument("-k", type=int, default=10)
     ap.add_argument("--candidates", default="10,20,40,60")
     ap.add_argument("--min-presence", default="0.8")
+    ap.add_argument("--min-coherence", default="0", help="comma list: ZeroShot(min_coherence=...) values to compare")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--n-val", type=int, default=150, help="validation images taken from the train split")
     ap.add_argument("--roi", default="box", choices=["box", "foreground"], help="pixels sampled: the object box, or also the unsupervised foreground (uld zeroshot --roi)")
@@ -63,28 +65,30 @@ def main() -> None:
         for rows in (fit, val)
     ]
     rows_out = []
-    for m in (int(v) for v in args.candidates.split(",")):
-        for pres in (float(v) for v in args.min_presence.split(",")):
-            if m == args.k and pres != float(args.min_presence.split(",")[0]):
-                continue  # presence plays no part without candidates
-            for seed in (int(v) for v in args.seeds.split(",")):
-                t0 = time.perf_counter()
-                model = ZeroShot(n_clusters=args.k, crop_size=S, seed=seed, n_candidates=m, min_presence=pres, use_gpu=False)
-                model.fit(iter_batches(store, fit, 32), parts[0][2], progress=False, masks=parts[0][3])
-                data = []
-                for rows, gt, rois, masks in parts:
-                    lms = model.predict(iter_batches(store, rows, 32), rois, progress=False, masks=masks)
-                    coords = to_original(lms.coords, gt["boxes"], S)
-                    data.append(EvalData.from_pixels(coords, lms.present, gt["landmarks"], gt["norm"], gt["boxes"], yaw=gt["yaw"], image_ids=gt["ids"]))
-                rep = evaluate_nme(data[0], data[1], n_regressor_images=300, repeats=5, seed=seed)
-                hung = hungarian_accuracy(data[0], data[1], 0.2)
-                row = {"candidates": m, "min_presence": pres if m > args.k else float("nan"), "seed": seed,
-                       "nme_forward": rep.forward.mean, "nme_backward": rep.backward.mean, "hungarian": hung.mean,
-                       "seconds": time.perf_counter() - t0}
-                print(row, flush=True)
-                rows_out.append(row)
+    presences = [float(v) for v in args.min_presence.split(",")]
+    coherences = [float(v) for v in args.min_coherence.split(",")]
+    for m, pres, coh in itertools.product((int(v) for v in args.candidates.split(",")), presences, coherences):
+        if m == args.k and (pres, coh) != (presences[0], coherences[0]):
+            continue  # presence and coherence play no part without candidates
+        for seed in (int(v) for v in args.seeds.split(",")):
+            t0 = time.perf_counter()
+            model = ZeroShot(n_clusters=args.k, crop_size=S, seed=seed, n_candidates=m, min_presence=pres, min_coherence=coh, use_gpu=False)
+            model.fit(iter_batches(store, fit, 32), parts[0][2], progress=False, masks=parts[0][3])
+            data = []
+            for rows, gt, rois, masks in parts:
+                lms = model.predict(iter_batches(store, rows, 32), rois, progress=False, masks=masks)
+                coords = to_original(lms.coords, gt["boxes"], S)
+                data.append(EvalData.from_pixels(coords, lms.present, gt["landmarks"], gt["norm"], gt["boxes"], yaw=gt["yaw"], image_ids=gt["ids"]))
+            rep = evaluate_nme(data[0], data[1], n_regressor_images=300, repeats=5, seed=seed)
+            hung = hungarian_accuracy(data[0], data[1], 0.2)
+            row = {"candidates": m, "min_presence": pres if m > args.k else float("nan"),
+                   "min_coherence": coh if m > args.k else float("nan"), "seed": seed,
+                   "nme_forward": rep.forward.mean, "nme_backward": rep.backward.mean, "hungarian": hung.mean,
+                   "seconds": time.perf_counter() - t0}
+            print(row, flush=True)
+            rows_out.append(row)
     df = pd.DataFrame(rows_out)
-    agg = df.groupby(["candidates", "min_presence"], dropna=False).agg(
+    agg = df.groupby(["candidates", "min_presence", "min_coherence"], dropna=False).agg(
         n=("seed", "size"),
         fwd=("nme_forward", "mean"), fwd_sd=("nme_forward", "std"),
         bwd=("nme_backward", "mean"), bwd_sd=("nme_backward", "std"),
@@ -93,13 +97,14 @@ def main() -> None:
     lines = [
         f"\n## {args.dataset}: store {args.store.name}, K = {args.k}, RoI {args.roi}, {len(val)} validation / {len(fit)} fit images of the train split",
         f"\nMachine: {machine()}, {torch.get_num_threads()} torch thread; seeds {args.seeds} (mean +- std).\n",
-        "| candidates M | min presence | seeds | forward NME | backward NME | Hungarian acc |",
-        "|---|---|---|---|---|---|",
+        "| candidates M | min presence | min coherence | seeds | forward NME | backward NME | Hungarian acc |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in agg.itertuples():
         label = f"{r.candidates}" + (" (paper: K-means)" if r.candidates == args.k else "")
         pres = "" if np.isnan(r.min_presence) else f"{r.min_presence:g}"
-        lines.append(f"| {label} | {pres} | {r.n} | {r.fwd:.2f} +- {r.fwd_sd:.2f} | {r.bwd:.2f} +- {r.bwd_sd:.2f} | {r.hung:.3f} +- {r.hung_sd:.3f} |")
+        coh = "" if np.isnan(r.min_coherence) else f"{r.min_coherence:g}"
+        lines.append(f"| {label} | {pres} | {coh} | {r.n} | {r.fwd:.2f} +- {r.fwd_sd:.2f} | {r.bwd:.2f} +- {r.bwd_sd:.2f} | {r.hung:.3f} +- {r.hung_sd:.3f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

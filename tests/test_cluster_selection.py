@@ -96,3 +96,45 @@ def test_zeroshot_candidates_round_trip(tmp_path) -> None:
     np.testing.assert_array_equal(back.cluster_centers_, model.cluster_centers_)
     chosen = json.loads((tmp_path / ZeroShot.selection_name).read_text())
     assert chosen["selected"] == model.selected_.tolist() and len(chosen["spread"]) == 4
+
+
+def _moving_and_static_clusters(n: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Member pixels of 5 clusters over ``n`` images: 4 move with a shared per-image pose (parts of a
+    turning object), cluster 4 stays at one crop position with small jitter (a background blob)."""
+    rng = np.random.default_rng(seed)
+    pose = rng.uniform(-1, 1, n)
+    base = np.array([[20.0, 20.0], [40.0, 20.0], [30.0, 30.0], [30.0, 42.0], [5.0, 5.0]])
+    gain = np.array([8.0, 8.0, 10.0, 6.0, 0.0])  # px of horizontal travel per unit pose
+    labels, owner, xy = [], [], []
+    for i in range(n):
+        for c in range(5):
+            centre = base[c] + [gain[c] * pose[i], 0.0] + rng.normal(0, 1.0, 2)
+            pts = centre + rng.normal(0, 0.5 if c == 4 else 1.5, (4, 2))  # the static blob is the most compact
+            labels += [c] * 4
+            owner += [i] * 4
+            xy.append(pts)
+    return np.array(labels), np.array(owner), np.concatenate(xy)
+
+
+def test_motion_coherence_separates_moving_parts_from_a_static_blob() -> None:
+    labels, owner, xy = _moving_and_static_clusters()
+    stats = cluster_spread(labels, owner, xy, 5, 60)
+    assert stats.coherence is not None
+    assert (stats.coherence[:4] > 0.7).all(), stats.coherence  # x travel 6-10 px against ~1.5 px of noise per axis
+    assert stats.coherence[4] < 0.3, stats.coherence
+    # the static blob is the most compact cluster: spread alone keeps it ...
+    assert 4 in select_compact(stats, 3, min_presence=0.8)
+    # ... coherence drops it, and it only fills up when too few coherent clusters remain
+    keep = select_compact(stats, 3, min_presence=0.8, min_coherence=0.5)
+    assert 4 not in keep and len(set(keep.tolist())) == 3
+    assert select_compact(stats, 5, min_presence=0.8, min_coherence=0.5)[-1] == 4
+    assert "coherence" in stats.to_json()
+
+
+def test_motion_coherence_is_not_measured_on_too_few_images() -> None:
+    from pipeline.clustering.selection import motion_coherence
+
+    xy = np.zeros((3, 4, 2))
+    assert (motion_coherence(xy, np.ones((3, 4), bool)) == 1.0).all()
+    with pytest.raises(ConfigError):
+        select_compact(ClusterSpread(np.ones(3), np.ones(3), np.ones(3)), 2, min_coherence=1.5)

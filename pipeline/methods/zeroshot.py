@@ -199,6 +199,7 @@ class ZeroShot:
         point_chunk: int = 16_384,
         n_candidates: int | None = None,
         min_presence: float = 0.8,
+        min_coherence: float = 0.0,
     ) -> None:
         if n_clusters < 1 or crop_size < 1 or n_samples_per_image < 1:
             raise ConfigError("n_clusters, crop_size and n_samples_per_image must be >= 1", where="ZeroShot")
@@ -209,6 +210,8 @@ class ZeroShot:
             )
         if not 0.0 <= float(min_presence) <= 1.0:
             raise ConfigError(f"min_presence must be in [0, 1], got {min_presence}", where="--min-presence")
+        if not 0.0 <= float(min_coherence) <= 1.0:
+            raise ConfigError(f"min_coherence must be in [0, 1], got {min_coherence}", where="--min-coherence")
         self.n_clusters = int(n_clusters)
         self.crop_size = int(crop_size)
         self.n_samples_per_image = int(n_samples_per_image)
@@ -223,6 +226,7 @@ class ZeroShot:
         self.point_chunk = int(point_chunk)
         self.n_candidates = None if n_candidates is None else int(n_candidates)
         self.min_presence = float(min_presence)
+        self.min_coherence = float(min_coherence)
 
     def get_config(self) -> dict:
         return {
@@ -239,6 +243,7 @@ class ZeroShot:
             "point_chunk": self.point_chunk,
             "n_candidates": self.n_candidates,
             "min_presence": self.min_presence,
+            "min_coherence": self.min_coherence,
         }
 
     # ---------------------------------------------------------- training
@@ -324,7 +329,7 @@ class ZeroShot:
             )
         owner = np.asarray(owner, dtype=np.int64)
         stats = cluster_spread(km.labels_, owner, xy, m, int(owner.max(initial=-1)) + 1)
-        self.selected_ = select_compact(stats, self.n_clusters, self.min_presence)
+        self.selected_ = select_compact(stats, self.n_clusters, self.min_presence, self.min_coherence)
         self.candidate_centers_ = km.cluster_centers_
         self.candidate_stats_ = stats
         self.cluster_centers_ = np.ascontiguousarray(km.cluster_centers_[self.selected_])
