@@ -20,12 +20,12 @@ def register(app: typer.Typer) -> None:
         overlays: Optional[Path] = typer.Option(None, "--overlays", help="Also write one PNG per image with its landmarks into this folder."),
         dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Instead of --images: a dataset's split with its manifest boxes (reproduces the run's keypoints.parquet)."),
         split: str = typer.Option("test", "--split", help="With --dataset: the split to predict."),
-        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per batch (default 16; with --dataset and D-ULD, its evaluation batch 32)."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per batch (default 16; with --dataset, the batch the run predicted its splits with, e.g. D-ULD's 32)."),
         backbone: Optional[str] = typer.Option(None, "--backbone", "-b", help="Load the backbone from here instead of the model's record (its identity must match)."),
-        round_: Optional[int] = typer.Option(None, "--round", help="D-ULD run: use this finished round's checkpoint (default: the last)."),
+        round_: Optional[int] = typer.Option(None, "--round", help="D-ULD / Mallis (D) / D-ULD++ run: use this finished round's checkpoint (default: the last)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     ) -> None:
-        """Landmarks of new images with a trained ZeroShot or D-ULD model.
+        """Landmarks of new images with any trained method's model (ZeroShot, D-ULD, Mallis (D), D-ULD++, Jakab, C3, StableKeypoints).
 
         Unlabelled images are cropped like the `folder` dataset: the object box is the
         whole image. Unreadable images are skipped and listed with their reasons (also in
@@ -51,9 +51,9 @@ def register(app: typer.Typer) -> None:
     @app.command("export-model")
     def export_cmd(
         ctx: typer.Context,
-        model: str = typer.Option(..., "--model", "-m", help="A run id (under --home) or run folder (ZeroShot or D-ULD)."),
+        model: str = typer.Option(..., "--model", "-m", help="A run id (under --home) or run folder of any trained method."),
         out: Path = typer.Option(..., "--out", "-o", help="Folder to write the model to (predictor.json + weights)."),
-        round_: Optional[int] = typer.Option(None, "--round", help="D-ULD run: export this finished round (default: the last)."),
+        round_: Optional[int] = typer.Option(None, "--round", help="D-ULD / Mallis (D) / D-ULD++ run: export this finished round (default: the last)."),
     ) -> None:
         """Write a run's trained model as a folder you can copy: config JSON, safetensors / npy
         weights, the feature spec and the backbone reference with its identity hash."""

@@ -1,5 +1,8 @@
 """`uld predict` / `uld export-model`: a trained method on new images, and as a folder to copy.
 
+Every trained method of the project (ZeroShot, D-ULD, Mallis (D), D-ULD++, Jakab, C3,
+StableKeypoints: ``pipeline.predictor.RUN_METHODS``).
+
 Thin: the model bundle, the on-the-fly features and the methods are in
 :mod:`pipeline.predictor`; this module turns command-line inputs (a run id or
 folder, paths / globs / folders of images, or a dataset split) into its calls
@@ -23,11 +26,6 @@ from pipeline.errors import ConfigError, DatasetError
 from pipeline.predictor import ImageItem, LandmarkPredictor, PredictionResult
 from storage.layout import Workspace
 from storage.tables import write_table
-
-# D-ULD's evaluation runs the heads on this many images at a time (flows.duld.RunContext.eval_batch);
-# predicting a run's own split with the same batches reproduces its keypoints bit for bit.
-DULD_EVAL_BATCH = 32
-
 
 def resolve_model(home: str | Path, model: str | Path) -> Path:
     """``model`` as a folder: an existing path, else the run id ``<home>/runs/<model>``."""
@@ -82,18 +80,25 @@ def dataset_items(home: str | Path, dataset: str, split: str, predictor: Landmar
     ``flows.features.compute_shard`` does) -- with their batch mates of the other
     split encoded alongside (``keep=False``): a CPU convolution's last bits
     depend on the batch size, and this makes the features equal to the store's.
+
+    A method that reads crops (Jakab, C3, StableKeypoints) has no store batches: its items are
+    the split's images alone, each with its row in the same (train, then test) order, the row
+    its run seeded the image's noise with.
     """
     from flows.features import SPLITS, load_manifests
 
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}", where="--split", fix=f"use one of {', '.join(SPLITS)}")
     frame = load_manifests(home, dataset).frame.reset_index(drop=True)
+    boxes = frame[["bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"]].to_numpy(np.float64)
+    if predictor.recipe is None:
+        return [ImageItem(str(frame.at[r, "path"]), str(frame.at[r, "image_id"]), tuple(float(v) for v in boxes[r]), int(r))
+                for r in np.flatnonzero((frame["split"] == split).to_numpy())]
     shard, bs = predictor.recipe.shard_size, predictor.recipe.extraction_batch_size
     rows = np.arange(len(frame))
     group = (rows // shard) * (shard // bs + 1) + (rows % shard) // bs
     wanted = (frame["split"] == split).to_numpy()
     touched = np.isin(group, group[wanted])
-    boxes = frame[["bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"]].to_numpy(np.float64)
     return [
         ImageItem(str(frame.at[r, "path"]), str(frame.at[r, "image_id"]), tuple(float(v) for v in boxes[r]), int(r), int(group[r]), bool(wanted[r]))
         for r in rows[touched]
@@ -136,8 +141,9 @@ def predict(
 
     Also writes ``<out stem>-skipped.parquet`` when images could not be read
     (their reasons), and with ``overlays`` one PNG per image. ``batch_size``
-    default: 16, or for a dataset split with D-ULD its evaluation batch (so the
-    run's keypoints are reproduced exactly).
+    default: 16, or for a dataset split the batch the run predicted its splits with
+    (``LandmarkPredictor.eval_batch``: D-ULD's evaluation batch 32, ...), so the run's
+    keypoints are reproduced exactly.
     """
     if (images is None) == (dataset is None):
         raise ConfigError("give either images or a dataset split, not both or neither", where="--images / --dataset",
@@ -146,7 +152,7 @@ def predict(
     predictor = LandmarkPredictor.from_pretrained(path, backbone=backbone, device=device, round_=round_)
     if dataset is not None:
         items = dataset_items(home, dataset, split, predictor)
-        default_batch = DULD_EVAL_BATCH if predictor.method == "duld" else 16
+        default_batch = predictor.eval_batch
     else:
         items = collect_images(list(images))
         default_batch = 16

@@ -42,12 +42,36 @@ are fixed here so that a prediction depends only on the image:
   backbone batch (``group``) an image was extracted in, with its batch mates
   (``keep=False``): ``uld predict --dataset`` does that.
 
+Every trained method of the project plugs in as a *method part* (:class:`MethodPart`,
+registered in :data:`PARTS` by bundle name and in :data:`RUN_METHODS` by run method):
+the predictor owns the one predict loop (read, crop, encode when the part reads
+features, batch, map back to original pixels), the part owns its weights and its
+read-out of one batch. The parts:
+
+* ``zeroshot`` (ZeroShot): centroids on the features;
+* ``heads`` (``duld``, ``mallis-d``, and the D-ULD rounds of ``duld++``): the heads +
+  the K landmark centroids of their last evaluation (Mallis (D): the K landmark
+  centres of its over-clustering);
+* ``tsc`` (the proxy and TSC rounds of ``duld++``): the heads, the pose VAE and the
+  two-stage labeller: the VAE encoder gives a new image's pose code, its pose cluster's
+  stage-2 centroids in identity order read out its K landmarks;
+* ``condgen`` (``jakab``, ``c3``): the keypoint encoder's K expected coordinates on the
+  crop (no backbone at prediction: the diffusion UNet was only the perceptual loss);
+* ``stablekeypoints``: the optimised tokens' attention maps on the crop, through the
+  frozen text-conditioned UNet (the backbone reference, identity-checked like the
+  feature backbones).
+
 Directory layout written by :meth:`LandmarkPredictor.save_pretrained`::
 
-    predictor.json          method, backbone reference + identity, feature recipe, RoI rule, provenance
+    predictor.json          method, part, crop rule, backbone reference + identity (+ its use),
+                            feature recipe (feature methods), the part's settings, provenance
     projections.safetensors fixed random projections per layer (only with reduce_channels)
     zeroshot/               ZeroShot: zeroshot_config.json + zeroshot_centroids.npy
-    heads/                  D-ULD: config.json + model.safetensors (ULDHeads) and centroids.npy
+    heads/                  D-ULD / Mallis (D) / D-ULD++: config.json + model.safetensors (ULDHeads) and
+                            centroids.npy; D-ULD++'s TSC read-out adds vae.json + vae.safetensors and
+                            labeller.npz (the two-stage labeller's state)
+    condgen/                Jakab / C3: model.safetensors (the whole CondGenNet)
+    stablekeypoints/        StableKeypoints: tokens.safetensors (the N tokens and the K selected ids)
 """
 
 from __future__ import annotations
@@ -57,7 +81,7 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -75,8 +99,23 @@ ZEROSHOT_DIR = "zeroshot"
 HEADS_DIR = "heads"
 CENTROIDS_NAME = "centroids.npy"
 FORMAT = "uld-landmark-predictor"
-FORMAT_VERSION = 1
-METHODS = ("zeroshot", "duld")
+CONDGEN_DIR = "condgen"
+STABLEKEYPOINTS_DIR = "stablekeypoints"
+# D-ULD++'s checkpoint files (flows/duldpp_stages.py writes them; tests/test_predict_methods.py checks the names agree).
+VAE_WEIGHTS = "vae.safetensors"
+VAE_CONFIG = "vae.json"
+LABELLER_NAME = "labeller.npz"
+# D-ULD++'s stages that read landmarks out with the two-stage labeller (flows.duld PROXY / DULDPP).
+TSC_STAGES = ("proxy", "duldpp")
+# Jakab / C3 and StableKeypoints checkpoint files (flows/condgen.py, flows/stablekeypoints.py).
+CONDGEN_WEIGHTS = "model.safetensors"
+SK_TOKENS = "tokens.safetensors"
+SK_SELECTION = "selection.json"
+FORMAT_VERSION = 1  # new keys are optional: bundles written before the other methods still load
+METHODS = ("zeroshot", "duld", "mallis-d", "duld++", "jakab", "c3", "stablekeypoints")
+# What the backbone reference is for: the features the method reads, the text-conditioned UNet
+# whose attention StableKeypoints reads, or only the training (Jakab / C3's perceptual loss).
+BACKBONE_USES = ("features", "conditioned-unet", "training-only")
 #: The noise index of every new image (the store uses the image's row): see the module doc.
 NEW_IMAGE_NOISE_INDEX = 0
 #: Columns of a prediction frame (one row per image and landmark; x, y in original pixels).
@@ -87,29 +126,46 @@ COLUMNS = ("image", "image_id", "method", "landmark_id", "x", "y", "score", "pre
 # ------------------------------------------------------------------ parts of the bundle
 @dataclass(frozen=True)
 class BackboneRef:
-    """How to load the backbone (``spec`` for :func:`load_backbone`) and what it must be (``identity``)."""
+    """How to load the backbone (``spec`` for :func:`load_backbone`) and what it must be (``identity``).
+
+    ``use`` (:data:`BACKBONE_USES`): ``features`` (a :class:`DiffusionBackbone`),
+    ``conditioned-unet`` (StableKeypoints' UNet, :func:`load_conditioned_unet`) or
+    ``training-only`` (recorded for provenance, never loaded to predict).
+    """
 
     spec: str
     name: str
     identity: dict[str, Any]
+    use: str = "features"
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
-    def check(self, backbone: "DiffusionBackbone", where: str) -> None:
+    @classmethod
+    def from_json(cls, d: dict) -> "BackboneRef":
+        return cls(spec=str(d["spec"]), name=str(d.get("name", d["spec"])), identity=dict(d.get("identity") or {}), use=str(d.get("use", "features")))
+
+    def check(self, backbone: Any, where: str) -> None:
         """Refuse a backbone whose identity is not the one the model was trained with."""
         # JSON round trip: identities read from disk have lists where fresh ones have tuples.
-        have = json.loads(json.dumps(backbone.identity(), sort_keys=True, default=str))
+        have = json.loads(json.dumps(backbone_identity(backbone), sort_keys=True, default=str))
         want = json.loads(json.dumps(self.identity, sort_keys=True, default=str))
         if have != want:
             diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+            name = getattr(backbone, "name", None) or getattr(backbone, "kind", "?")
             raise BackboneError(
-                f"backbone {backbone.name!r} is not the one this model was trained with (identity differs in {', '.join(diff)}; "
+                f"backbone {name!r} is not the one this model was trained with (identity differs in {', '.join(diff)}; "
                 f"weights {have.get('weights', '?')} here, {want.get('weights', '?')} expected)",
                 where=where,
-                fix=f"load the backbone the features were made with ({self.spec!r}, weights hash {want.get('weights', '?')}): "
-                "pass it as backbone= / --backbone, or retrain the method on this backbone's features",
+                fix=f"load the backbone the model was trained with ({self.spec!r}, weights hash {want.get('weights', '?')}): "
+                "pass it as backbone= / --backbone, or retrain the method on this backbone",
             )
+
+
+def backbone_identity(backbone: Any) -> dict[str, Any]:
+    """A loaded backbone's identity: ``DiffusionBackbone.identity()`` or ``ConditionedUNet.identity``."""
+    ident = backbone.identity
+    return dict(ident() if callable(ident) else ident)
 
 
 @dataclass(frozen=True)
@@ -271,59 +327,591 @@ def object_rois(boxes: np.ndarray, sizes: np.ndarray, crops: np.ndarray, crop_si
     return clip_rois_to_image(rois, np.asarray(sizes, np.float64), crops, crop_size)
 
 
-# ------------------------------------------------------------------ the predictor
-class LandmarkPredictor:
-    """A trained landmark method with everything needed to run it on new images (see the module doc)."""
+# ------------------------------------------------------------------ method parts
+@dataclass(frozen=True)
+class CropRule:
+    """How an image becomes the method's input: the square crop box around the object box with
+    ``margin`` (:func:`pipeline.datasets.crop.crop_boxes`), resized to ``size`` px -- the
+    feature store's rule for the feature methods, ``load_crops``' (the same) for the others."""
 
-    def __init__(
-        self,
-        method: str,
-        recipe: FeatureRecipe,
-        backbone_ref: BackboneRef,
-        *,
-        zeroshot: Any = None,
-        heads: Any = None,
-        centers: np.ndarray | None = None,
-        duld_config: Any = None,
-        roi: str | bool = "box",
-        source: dict[str, Any] | None = None,
-        device: str = "cpu",
-    ) -> None:
-        if method not in METHODS:
-            raise ConfigError(f"unknown method {method!r}", where="LandmarkPredictor", fix=f"one of {', '.join(METHODS)}")
-        if method == "zeroshot" and zeroshot is None:
-            raise ConfigError("a ZeroShot predictor needs the fitted ZeroShot model", where="LandmarkPredictor")
-        if method == "duld" and (heads is None or centers is None or duld_config is None):
-            raise ConfigError("a D-ULD predictor needs heads, centroids and its DULDConfig", where="LandmarkPredictor")
+    size: int
+    margin: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"size": int(self.size), "margin": float(self.margin)}
+
+
+@dataclass
+class MethodBatch:
+    """One batch as a method part sees it.
+
+    ``crops`` uint8 (B, S, S, 3); ``features`` the stored-form features (feature parts, else
+    None); ``rois`` (B, 4) crop px; ``noise_indices`` (B,) (a store row, or
+    :data:`NEW_IMAGE_NOISE_INDEX`); ``backbone`` the loaded backbone or None.
+    """
+
+    crops: np.ndarray
+    features: dict[str, np.ndarray] | None
+    rois: np.ndarray
+    noise_indices: np.ndarray
+    backbone: Any = None
+
+
+@dataclass
+class RunParts:
+    """What :meth:`MethodPart.from_run` reads from a run folder: the part and the predictor's other pieces."""
+
+    part: "MethodPart"
+    crop: CropRule
+    backbone_ref: BackboneRef
+    recipe: FeatureRecipe | None
+    source: dict[str, Any]
+
+
+class MethodPart:
+    """A trained method's own part of a :class:`LandmarkPredictor`: its weights and its read-out of one batch.
+
+    Subclasses set ``name`` (the bundle's ``part``, key of :data:`PARTS`), ``inputs``
+    (``features``: the predictor runs the backbone first and hands the stored-form features;
+    ``crops``: the part reads the crops), ``backbone_use`` (:data:`BACKBONE_USES`) and
+    ``eval_batch`` (the batch the run predicted its splits with, so that ``uld predict
+    --dataset`` redoes its batches), and implement :meth:`predict_batch`, :meth:`save` /
+    :meth:`load` (the bundle) and :meth:`from_run` (a run folder). The predict loop is the
+    predictor's alone.
+    """
+
+    name: ClassVar[str] = ""
+    inputs: ClassVar[str] = "features"
+    backbone_use: ClassVar[str] = "features"
+
+    def __init__(self, method: str) -> None:
         self.method = method
-        self.recipe = recipe
-        self.backbone_ref = backbone_ref
-        self.zeroshot = zeroshot
-        self.heads = heads
-        self.centers = None if centers is None else np.asarray(centers, np.float32)
-        self.duld_config = duld_config
-        self.roi = roi
-        self.source = dict(source or {})
-        self.device = device
-        self._backbone: DiffusionBackbone | None = None
-        self._home: str | Path | None = None
 
     @property
     def k(self) -> int:
-        return int(self.zeroshot.n_clusters) if self.method == "zeroshot" else int(len(self.centers))
+        raise NotImplementedError
+
+    @property
+    def roi(self) -> Any:
+        """The RoI rule recorded in predictor.json (None: the part reads the whole crop)."""
+        return None
+
+    @property
+    def eval_batch(self) -> int:
+        return 16
+
+    @property
+    def batch_multiple(self) -> int:
+        """The predictor's batches are rounded up to a multiple of this (a part whose read-out
+        depends on an image's position inside its own batches keeps them aligned)."""
+        return 1
+
+    def predict_batch(self, batch: MethodBatch) -> LandmarkSet:
+        """K landmarks per image of ``batch``, crop pixels."""
+        raise NotImplementedError
+
+    def save(self, directory: Path) -> dict[str, Any]:
+        """Write the part's files under ``directory``; return its keys of predictor.json."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, directory: Path, method: str, config: dict[str, Any], device: str) -> "MethodPart":
+        """The part of the bundle at ``directory`` (``config``: its predictor.json)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_run(cls, run_dir: Path, config: dict[str, Any], round_: int | None, device: str) -> RunParts:
+        """The part of the run at ``run_dir`` (``config``: its config.json) and the predictor's other pieces."""
+        raise NotImplementedError
+
+
+def _feature_run(rm: Any) -> tuple[FeatureRecipe, BackboneRef, CropRule, dict[str, Any]]:
+    """A feature method's recipe, backbone reference, crop rule and provenance from its run's store."""
+    from storage.run_models import read_store_recipe
+
+    sr = read_store_recipe(rm.store_path)
+    recipe = FeatureRecipe(
+        spec=spec_from_json(sr.spec), layers=tuple(sr.layers), keys=tuple(sr.keys), shapes=sr.shapes, projections=sr.projections,
+        store_config_hash=sr.config_hash, shard_size=sr.shard_size, extraction_batch_size=sr.extraction_batch_size,
+    )
+    # The backbone as the run was given it (a workspace name, folder or hub id); identity from the store.
+    ref = BackboneRef(spec=str(rm.config.get("backbone") or sr.backbone_name), name=sr.backbone_name, identity=sr.backbone_identity)
+    source = {"run_id": rm.run_id, "dataset": rm.config.get("dataset"), "stage": rm.stage, "round": rm.round}
+    return recipe, ref, CropRule(recipe.image_size, float(recipe.spec.crop_margin)), source
+
+
+def _feature_tensors(features: dict[str, np.ndarray]) -> dict:
+    """The D-ULD batch format for one batch: float32 from float16, as the store's loader hands features to the heads."""
+    import torch
+
+    n = len(next(iter(features.values())))
+    return {"index": torch.arange(n), "features": {k: torch.from_numpy(v.astype(np.float32)) for k, v in features.items()}}
+
+
+class ZeroShotPart(MethodPart):
+    """ZeroShot: the fitted centroids on the features; ``roi`` ``box`` or ``foreground``."""
+
+    name = "zeroshot"
+
+    def __init__(self, method: str, model: Any, roi: str = "box") -> None:
+        super().__init__(method)
+        if roi not in ("box", "foreground"):
+            raise ConfigError(f"unknown RoI rule {roi!r}", where="predictor.json roi", fix="use 'box' or 'foreground'")
+        self.model, self._roi = model, roi
+
+    @property
+    def k(self) -> int:
+        return int(self.model.n_clusters)
+
+    @property
+    def roi(self) -> str:
+        return self._roi
+
+    def predict_batch(self, batch: MethodBatch) -> LandmarkSet:
+        # (With n_test_samples set, ZeroShot draws each image's pixels from its position in
+        # the batch; runs default to every RoI pixel, which does not depend on it.)
+        masks = None
+        if self._roi == "foreground":
+            from pipeline.methods.foreground import foreground_masks
+
+            masks = foreground_masks([batch.features])
+        return self.model.predict([batch.features], batch.rois, progress=False, masks=masks)
+
+    def save(self, directory: Path) -> dict[str, Any]:
+        self.model.save_pretrained(directory / ZEROSHOT_DIR)
+        return {"roi": self._roi}
+
+    @classmethod
+    def load(cls, directory: Path, method: str, config: dict[str, Any], device: str) -> "ZeroShotPart":
+        from pipeline.methods.zeroshot import ZeroShot
+
+        return cls(method, ZeroShot.from_pretrained(directory / ZEROSHOT_DIR), str(config.get("roi", "box")))
+
+    @classmethod
+    def from_run(cls, run_dir: Path, config: dict[str, Any], round_: int | None, device: str) -> RunParts:
+        from pipeline.methods.zeroshot import ZeroShot
+        from storage.run_models import locate_run_model
+
+        rm = locate_run_model(run_dir, round_)
+        recipe, ref, crop, source = _feature_run(rm)
+        model = ZeroShot.from_pretrained(rm.model_dir)
+        if model.crop_size != recipe.image_size:
+            raise StoreError(f"ZeroShot crop size {model.crop_size} differs from its store's {recipe.image_size}", where=str(rm.model_dir))
+        return RunParts(cls(rm.method, model, str(rm.config.get("roi", "box"))), crop, ref, recipe, source)
+
+
+class HeadsPart(MethodPart):
+    """The self-training engine's heads (D-ULD, Mallis (D), D-ULD++'s D-ULD rounds) and the K landmark
+    centroids of their evaluation (``centroids.npy``); ``roi``: keypoints inside the object box."""
+
+    name = "heads"
+
+    def __init__(self, method: str, heads: Any, centers: np.ndarray, duld_config: Any, roi: bool = True) -> None:
+        super().__init__(method)
+        self.heads, self.duld_config, self._roi = heads, duld_config, bool(roi)
+        self.centers = np.asarray(centers, np.float32)
+
+    @property
+    def k(self) -> int:
+        return int(len(self.centers))
+
+    @property
+    def roi(self) -> bool:
+        return self._roi
+
+    @property
+    def eval_batch(self) -> int:
+        # flows.duld.RunContext.eval_batch: predicting a run's own split with the same batches
+        # reproduces its keypoints bit for bit.
+        return 32
+
+    def _readout(self, tb: dict) -> tuple[np.ndarray, Any]:
+        """The centroids to read K landmarks out with, and per-image ones (or None)."""
+        return self.centers, None
+
+    def predict_batch(self, batch: MethodBatch) -> LandmarkSet:
+        from pipeline.methods.duld import predict_landmarks
+
+        tb = _feature_tensors(batch.features)
+        centers, per_image = self._readout(tb)
+        pred = predict_landmarks(self.heads, [tb], centers, self.duld_config, progress=False, rois=batch.rois if self._roi else None,
+                                 image_centers=per_image)
+        return pred.landmarks
+
+    def save(self, directory: Path) -> dict[str, Any]:
+        from storage.atomic import atomic_path
+
+        self.heads.save_pretrained(directory / HEADS_DIR)
+        with atomic_path(directory / HEADS_DIR / CENTROIDS_NAME) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, self.centers)
+        return {"roi": self._roi, "duld": self.duld_config.to_json()}
+
+    @classmethod
+    def _from_dir(cls, folder: Path, method: str, duld_config: Any, roi: bool) -> "HeadsPart":
+        """From a folder in the checkpoint layout (a run's checkpoint, or a bundle's heads/)."""
+        from pipeline.heads.model import ULDHeads
+
+        centroids = folder / CENTROIDS_NAME
+        if not centroids.is_file():
+            raise StoreError("the model has no landmark centroids", where=str(centroids), fix="copy the whole model folder")
+        return cls(method, ULDHeads.from_pretrained(folder), np.load(centroids), duld_config, roi)
+
+    @classmethod
+    def load(cls, directory: Path, method: str, config: dict[str, Any], device: str) -> "HeadsPart":
+        from pipeline.methods.duld import DULDConfig
+
+        return cls._from_dir(directory / HEADS_DIR, method, DULDConfig.from_json(config["duld"]), bool(config.get("roi", True)))
+
+    @classmethod
+    def from_run(cls, run_dir: Path, config: dict[str, Any], round_: int | None, device: str) -> RunParts:
+        from pipeline.methods.duld import DULDConfig
+        from storage.run_models import locate_run_model
+
+        rm = locate_run_model(run_dir, round_)
+        recipe, ref, crop, source = _feature_run(rm)
+        # D-ULD++'s proxy and TSC rounds read out with the two-stage labeller; its D-ULD rounds as D-ULD.
+        part_cls = TSCPart if rm.method == "duld++" and rm.stage in TSC_STAGES else HeadsPart
+        part = part_cls._from_dir(rm.model_dir, rm.method, DULDConfig.from_json(rm.config["duld"]), bool(rm.config.get("roi", True)))
+        if tuple(part.heads.config.feature_keys) != tuple(sorted(recipe.keys)):
+            raise StoreError(f"the heads read {part.heads.config.feature_keys}, the store holds {recipe.keys}", where=str(rm.model_dir))
+        return RunParts(part, crop, ref, recipe, source)
+
+
+class TSCPart(HeadsPart):
+    """D-ULD++'s proxy / TSC rounds: heads + pose VAE + two-stage labeller.
+
+    Per image the VAE encoder's pose code (the posterior mean of the detector's heatmap,
+    :func:`pipeline.methods.duldpp.pose_codes`) picks its pose cluster, whose stage-2
+    centroids in identity order (:meth:`TwoStageLabeller.identity_centers`) read out its K
+    landmarks -- what ``flows.duldpp_stages.evaluate_tsc_task`` does for the run's splits.
+    ``centers`` are the global K-means (they give K and the shared fallback shape).
+    """
+
+    name = "tsc"
+
+    def __init__(self, method: str, heads: Any, centers: np.ndarray, duld_config: Any, roi: bool, vae: Any, labeller: Any) -> None:
+        super().__init__(method, heads, centers, duld_config, roi)
+        self.vae, self.labeller = vae, labeller
+
+    def _readout(self, tb: dict) -> tuple[np.ndarray, Any]:
+        from pipeline.methods.duldpp import pose_codes
+
+        _, codes = pose_codes(self.heads, self.vae, [tb])
+        per_image = self.labeller.identity_centers(codes)  # (B, K, D); batch["index"] is the batch position
+        return self.centers, lambda rows: per_image[np.asarray(rows, np.int64)]
+
+    def save(self, directory: Path) -> dict[str, Any]:
+        from safetensors.torch import save_file
+
+        from storage.atomic import atomic_path, write_json
+
+        out = super().save(directory)
+        folder = directory / HEADS_DIR
+        with atomic_path(folder / VAE_WEIGHTS) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.vae.state_dict().items()}, str(tmp))
+        write_json(folder / VAE_CONFIG, self.vae.config.to_json())
+        with atomic_path(folder / LABELLER_NAME) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **self.labeller.get_state())
+        return out
+
+    @classmethod
+    def _from_dir(cls, folder: Path, method: str, duld_config: Any, roi: bool) -> "TSCPart":
+        from safetensors.torch import load_file
+
+        from pipeline.heads.pose_vae import PoseVAE, PoseVAEConfig
+        from pipeline.labelling.two_stage import TwoStageLabeller
+
+        base = HeadsPart._from_dir(folder, method, duld_config, roi)
+        missing = [n for n in (VAE_WEIGHTS, VAE_CONFIG, LABELLER_NAME) if not (folder / n).is_file()]
+        if missing:
+            raise StoreError(f"the D-ULD++ model lacks {', '.join(missing)} (its pose VAE and two-stage labeller)", where=str(folder),
+                             fix="copy the whole model folder, or export it again from its run")
+        vcfg = json.loads((folder / VAE_CONFIG).read_text())
+        vae = PoseVAE(PoseVAEConfig.from_json({**vcfg, "widths": tuple(vcfg["widths"])}))
+        vae.load_state_dict(load_file(str(folder / VAE_WEIGHTS)))
+        with np.load(folder / LABELLER_NAME) as z:
+            state = {n: z[n] for n in z.files}
+        q, k = np.asarray(state["centers"]).shape[:2]
+        labeller = TwoStageLabeller(q=int(q), k=int(k)).set_state(state)
+        return cls(method, base.heads, base.centers, duld_config, roi, vae, labeller)
+
+
+def _check_step_checkpoint(run_dir: Path, run_id: str, round_: int | None, what: str) -> Path:
+    """The last finished ``checkpoints/step-NNNNNN/`` of an image-trained run (they have one round, 0)."""
+    from storage import step_checkpoints
+
+    if round_ not in (None, 0):
+        raise StoreError(f"a {what} run has only round 0, not {round_}", where=str(run_dir), fix="drop --round")
+    ckpt = step_checkpoints.last(run_dir / "checkpoints")
+    if ckpt is None:
+        raise StoreError(f"the {what} run has no finished checkpoint", where=str(run_dir / "checkpoints"),
+                         fix=f"let it train: `uld train --method ... --run-id {run_id} --resume` continues it")
+    return ckpt
+
+
+def _image_run_source(run_dir: Path, config: dict[str, Any], step: int) -> dict[str, Any]:
+    return {"run_id": str(config.get("run_id", run_dir.name)), "dataset": config.get("dataset"), "stage": "train", "round": 0, "step": int(step)}
+
+
+class CondGenPart(MethodPart):
+    """Jakab et al. / C3: the keypoint encoder's K expected coordinates on the crop (``CondGenLandmarks.predict``).
+
+    Reads crops, not features: the diffusion UNet was only the training's perceptual loss,
+    so the backbone reference is ``training-only``.
+    """
+
+    name = "condgen"
+    inputs = "crops"
+    backbone_use = "training-only"
+
+    def __init__(self, method: str, estimator: Any) -> None:
+        super().__init__(method)
+        self.estimator = estimator
+
+    @property
+    def k(self) -> int:
+        return int(self.estimator.config.k)
+
+    @property
+    def eval_batch(self) -> int:
+        return 64  # CondGenLandmarks.predict's batch, what flows.condgen's predict task used
+
+    def predict_batch(self, batch: MethodBatch) -> LandmarkSet:
+        return self.estimator.predict(batch.crops, batch_size=max(1, len(batch.crops)))
+
+    def save(self, directory: Path) -> dict[str, Any]:
+        from safetensors.torch import save_file
+
+        from storage.atomic import atomic_path
+
+        est = self.estimator
+        (directory / CONDGEN_DIR).mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / CONDGEN_DIR / CONDGEN_WEIGHTS) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in est.net_.state_dict().items()}, str(tmp))
+        return {"condgen": {"config": est.config.to_json(), "image_size": int(est.image_size_), "step": int(est.step_)}}
+
+    @classmethod
+    def _build(cls, method: str, config: dict[str, Any], weights: Path, image_size: int, step: int, device: str) -> "CondGenPart":
+        from safetensors.torch import load_file
+
+        from pipeline.methods.condgen import CondGenConfig, make_estimator
+
+        if not weights.is_file():
+            raise StoreError("the model has no weights", where=str(weights), fix="copy the whole model folder")
+        est = make_estimator(method, CondGenConfig.from_json(config), device=device)
+        est.load_state_dict({"net": load_file(str(weights)), "optimizer": None, "step": int(step), "image_size": int(image_size)})
+        return cls(method, est)
+
+    @classmethod
+    def load(cls, directory: Path, method: str, config: dict[str, Any], device: str) -> "CondGenPart":
+        sec = config["condgen"]
+        return cls._build(method, sec["config"], directory / CONDGEN_DIR / CONDGEN_WEIGHTS, sec["image_size"], sec["step"], device)
+
+    @classmethod
+    def from_run(cls, run_dir: Path, config: dict[str, Any], round_: int | None, device: str) -> RunParts:
+        from storage import step_checkpoints
+
+        method = str(config["method"])
+        ckpt = _check_step_checkpoint(run_dir, str(config.get("run_id", run_dir.name)), round_, method)
+        meta = step_checkpoints.read_state(ckpt)
+        if int(meta["image_size"]) != int(config["size"]):
+            raise StoreError(f"the checkpoint was trained on {meta['image_size']} px crops, the run says {config['size']}", where=str(ckpt))
+        part = cls._build(method, config["condgen"], ckpt / CONDGEN_WEIGHTS, int(meta["image_size"]), int(meta["step"]), device)
+        spec = str(config["condgen"].get("backbone", ""))
+        ref = BackboneRef(spec=spec, name=spec, identity={}, use="training-only")
+        return RunParts(part, CropRule(int(config["size"]), float(config["crop_margin"])), ref, None, _image_run_source(run_dir, config, meta["step"]))
+
+
+class StableKeypointsPart(MethodPart):
+    """StableKeypoints: the selected tokens' attention maps on the crop through the frozen
+    text-conditioned UNet (``StableKeypoints.predict``; the noise of an image is seeded by its
+    noise index, as the run seeds it by the crop's row)."""
+
+    name = "stablekeypoints"
+    inputs = "crops"
+    backbone_use = "conditioned-unet"
+
+    def __init__(self, method: str, config: Any, tokens: np.ndarray, selected: np.ndarray) -> None:
+        super().__init__(method)
+        self.config = config
+        self.tokens = np.asarray(tokens, np.float32)
+        self.selected = np.asarray(selected, np.int64)
+        self._est: Any = None
+
+    @property
+    def k(self) -> int:
+        return int(len(self.selected))
+
+    @property
+    def eval_batch(self) -> int:
+        return self.batch_multiple * max(1, -(-16 // self.batch_multiple))
+
+    @property
+    def batch_multiple(self) -> int:
+        # StableKeypoints.predict_maps batches by config.batch_size and draws augmentation a's
+        # warps per position in that batch (from (seed, a)): the same image at another position
+        # gets other warps (measured: up to 20 px on the tiny run). Whole multiples keep every
+        # image at the position the run's own prediction gave it (its index mod batch_size).
+        return max(1, int(self.config.batch_size))
+
+    def _estimator(self, unet: Any) -> Any:
+        import torch
+
+        from pipeline.methods.stablekeypoints import StableKeypoints
+
+        if self._est is None or self._est.model is not unet:
+            est = StableKeypoints(unet, self.config)
+            if tuple(est.tokens_.shape) != self.tokens.shape:
+                raise BackboneError(f"the model's tokens are {self.tokens.shape}, this UNet takes {tuple(est.tokens_.shape)}",
+                                    where="StableKeypoints tokens", fix="load the UNet the tokens were optimised against")
+            with torch.no_grad():
+                est.tokens_.copy_(torch.from_numpy(self.tokens).to(est.device))
+            est.selected_ = self.selected.copy()
+            self._est = est
+        return self._est
+
+    def predict_batch(self, batch: MethodBatch) -> LandmarkSet:
+        if batch.backbone is None:
+            raise BackboneError("StableKeypoints needs its text-conditioned UNet to predict", where="LandmarkPredictor",
+                                fix="load it: backbone= / --backbone, or let the predictor load the recorded one")
+        return self._estimator(batch.backbone).predict(batch.crops, batch.noise_indices)
+
+    def save(self, directory: Path) -> dict[str, Any]:
+        from safetensors.numpy import save_file
+
+        from storage.atomic import atomic_path
+
+        (directory / STABLEKEYPOINTS_DIR).mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / STABLEKEYPOINTS_DIR / SK_TOKENS) as tmp:
+            save_file({"tokens": np.ascontiguousarray(self.tokens), "selected": np.ascontiguousarray(self.selected)}, str(tmp))
+        return {"stablekeypoints": self.config.to_json()}
+
+    @staticmethod
+    def _config(d: dict[str, Any]) -> Any:
+        from pipeline.methods.stablekeypoints import StableKeypointsConfig
+
+        known = {f.name for f in dataclasses.fields(StableKeypointsConfig)}
+        return StableKeypointsConfig(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def load(cls, directory: Path, method: str, config: dict[str, Any], device: str) -> "StableKeypointsPart":
+        from safetensors.numpy import load_file
+
+        path = directory / STABLEKEYPOINTS_DIR / SK_TOKENS
+        if not path.is_file():
+            raise StoreError("the StableKeypoints model has no tokens", where=str(path), fix="copy the whole model folder")
+        t = load_file(str(path))
+        return cls(method, cls._config(config["stablekeypoints"]), t["tokens"], t["selected"])
+
+    @classmethod
+    def from_run(cls, run_dir: Path, config: dict[str, Any], round_: int | None, device: str) -> RunParts:
+        from safetensors.numpy import load_file
+
+        from storage import step_checkpoints
+
+        run_id = str(config.get("run_id", run_dir.name))
+        ckpt = _check_step_checkpoint(run_dir, run_id, round_, "StableKeypoints")
+        selection = run_dir / SK_SELECTION
+        if not selection.is_file():
+            raise StoreError("the StableKeypoints run has not selected its K tokens yet", where=str(selection),
+                             fix=f"finish the run: `uld train --method stablekeypoints --run-id {run_id} --resume ...`")
+        cfg = cls._config(config["stablekeypoints"])
+        tokens = load_file(str(ckpt / SK_TOKENS))["tokens"]
+        part = cls(str(config["method"]), cfg, tokens, np.asarray(json.loads(selection.read_text())["tokens"], np.int64))
+        ref = BackboneRef(spec=str(cfg.backbone), name=str(cfg.backbone), identity=dict(config.get("backbone_identity") or {}), use="conditioned-unet")
+        step = step_checkpoints.read_state(ckpt)["step"]
+        return RunParts(part, CropRule(int(config["size"]), float(config["crop_margin"])), ref, None, _image_run_source(run_dir, config, step))
+
+
+#: Bundle part name -> class (predictor.json ``part``).
+PARTS: dict[str, type[MethodPart]] = {c.name: c for c in (ZeroShotPart, HeadsPart, TSCPart, CondGenPart, StableKeypointsPart)}
+#: Run method (config.json ``method``) -> the class that reads its run folder.
+RUN_METHODS: dict[str, type[MethodPart]] = {
+    "zeroshot": ZeroShotPart, "duld": HeadsPart, "mallis-d": HeadsPart, "duld++": HeadsPart,
+    "jakab": CondGenPart, "c3": CondGenPart, "stablekeypoints": StableKeypointsPart,
+}
+
+
+# ------------------------------------------------------------------ the predictor
+class LandmarkPredictor:
+    """A trained landmark method with everything needed to run it on new images (see the module doc).
+
+    ``part``: the method's :class:`MethodPart`; ``crop``: how images become its input;
+    ``backbone_ref``: the backbone it needs (and its use); ``recipe``: the feature recipe
+    (feature parts only).
+    """
+
+    def __init__(
+        self,
+        part: MethodPart,
+        crop: CropRule,
+        backbone_ref: BackboneRef,
+        *,
+        recipe: FeatureRecipe | None = None,
+        source: dict[str, Any] | None = None,
+        device: str = "cpu",
+    ) -> None:
+        if part.method not in METHODS:
+            raise ConfigError(f"unknown method {part.method!r}", where="LandmarkPredictor", fix=f"one of {', '.join(METHODS)}")
+        if part.inputs == "features" and recipe is None:
+            raise ConfigError(f"a {part.method} predictor reads features: it needs their recipe", where="LandmarkPredictor")
+        if backbone_ref.use not in BACKBONE_USES:
+            raise ConfigError(f"unknown backbone use {backbone_ref.use!r}", where="predictor.json backbone.use", fix=f"one of {', '.join(BACKBONE_USES)}")
+        self.part = part
+        self.crop = crop
+        self.recipe = recipe
+        self.backbone_ref = backbone_ref
+        self.source = dict(source or {})
+        self.device = device
+        self._backbone: Any = None
+        self._home: str | Path | None = None
+
+    @property
+    def method(self) -> str:
+        return self.part.method
+
+    @property
+    def k(self) -> int:
+        return self.part.k
+
+    @property
+    def roi(self) -> Any:
+        return self.part.roi
+
+    @property
+    def eval_batch(self) -> int:
+        """The batch the run predicted its splits with (``uld predict --dataset``'s default)."""
+        return self.part.eval_batch
 
     def __repr__(self) -> str:
         src = self.source.get("run_id", "?")
-        return f"LandmarkPredictor(method={self.method!r}, k={self.k}, backbone={self.backbone_ref.spec!r}, crop={self.recipe.image_size}, run={src!r})"
+        return f"LandmarkPredictor(method={self.method!r}, k={self.k}, backbone={self.backbone_ref.spec!r}, crop={self.crop.size}, run={src!r})"
 
     # ---------------------------------------------------------- backbone
-    def set_backbone(self, backbone: "str | DiffusionBackbone", home: str | Path | None = None) -> "DiffusionBackbone":
-        """Load (from a spec) or take ``backbone``; refuse it unless its identity is the model's."""
-        if isinstance(backbone, str):
-            from pipeline.backbones.loading import load_backbone
+    @property
+    def needs_backbone(self) -> bool:
+        return self.backbone_ref.use != "training-only"
 
+    def set_backbone(self, backbone: Any, home: str | Path | None = None) -> Any:
+        """Load (from a spec) or take ``backbone``; refuse it unless its identity is the model's."""
+        if not self.needs_backbone:
+            raise ConfigError(
+                f"a {self.method} model needs no backbone to predict (its backbone {self.backbone_ref.spec!r} was only its training's perceptual loss)",
+                where="backbone= / --backbone",
+                fix="drop the backbone",
+            )
+        if isinstance(backbone, str):
             try:
-                backbone = load_backbone(backbone, self.device, home=home)
+                if self.backbone_ref.use == "conditioned-unet":
+                    from pipeline.methods.stablekeypoints import load_conditioned_unet
+
+                    backbone = load_conditioned_unet(backbone, device=self.device, home=home)
+                else:
+                    from pipeline.backbones.loading import load_backbone
+
+                    backbone = load_backbone(backbone, self.device, home=home)
             except BackboneError as err:
                 raise BackboneError(
                     f"the model's backbone cannot be loaded: {err.what}",
@@ -336,8 +924,9 @@ class LandmarkPredictor:
         return backbone
 
     @property
-    def backbone(self) -> "DiffusionBackbone":
-        if self._backbone is None:
+    def backbone(self) -> Any:
+        """The loaded backbone (loaded on first use); None for a method that predicts without one."""
+        if self._backbone is None and self.needs_backbone:
             self.set_backbone(self.backbone_ref.spec, self._home)
         return self._backbone
 
@@ -348,30 +937,24 @@ class LandmarkPredictor:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        if self.recipe.projections:
+        if self.recipe is not None and self.recipe.projections:
             from safetensors.numpy import save_file
 
             with atomic_path(directory / PROJECTIONS_NAME) as tmp:
                 save_file({k: np.ascontiguousarray(v, np.float32) for k, v in self.recipe.projections.items()}, str(tmp))
-        if self.method == "zeroshot":
-            self.zeroshot.save_pretrained(directory / ZEROSHOT_DIR)
-        else:
-            self.heads.save_pretrained(directory / HEADS_DIR)
-            with atomic_path(directory / HEADS_DIR / CENTROIDS_NAME) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.save(fh, self.centers)
+        own = self.part.save(directory)
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "method": self.method,
+            "part": self.part.name,
             "k": self.k,
-            "roi": self.roi,
+            "crop": self.crop.to_json(),
             "backbone": self.backbone_ref.to_json(),
-            "features": self.recipe.to_json(),
+            **({"features": self.recipe.to_json()} if self.recipe is not None else {}),
             "source": self.source,
+            **own,
         }
-        if self.method == "duld":
-            config["duld"] = self.duld_config.to_json()
         write_json(directory / CONFIG_NAME, config)  # last: a folder without it is not a model
         return directory
 
@@ -380,15 +963,15 @@ class LandmarkPredictor:
         cls,
         path: str | Path,
         *,
-        backbone: "str | DiffusionBackbone | None" = None,
+        backbone: Any = None,
         device: str = "cpu",
         home: str | Path | None = None,
         round_: int | None = None,
         load_backbone: bool = True,
     ) -> "LandmarkPredictor":
         """A predictor from a folder written by :meth:`save_pretrained`, or from a run folder
-        (``<home>/runs/<run_id>``: ZeroShot's centroids or D-ULD's last finished checkpoint,
-        ``round_`` for another round).
+        (``<home>/runs/<run_id>``) of any method in :data:`RUN_METHODS` (the engine methods' last
+        finished checkpoint, ``round_`` for another round; the image-trained methods' last checkpoint).
 
         ``backbone`` overrides the recorded backbone spec (e.g. a local folder
         for a hub id); either way its identity must match. ``home`` resolves
@@ -414,7 +997,7 @@ class LandmarkPredictor:
                               fix="drop the round, or export that round from its run")
         if backbone is not None:
             pred.set_backbone(backbone, home)
-        elif load_backbone:
+        elif load_backbone and pred.needs_backbone:
             pred.set_backbone(pred.backbone_ref.spec, home)
         pred._home = home  # for a lazy load of a backbone trained in that workspace
         return pred
@@ -425,60 +1008,42 @@ class LandmarkPredictor:
         if cfg.get("format") != FORMAT or int(cfg.get("format_version", -1)) != FORMAT_VERSION:
             raise StoreError(f"not a landmark model of format {FORMAT} v{FORMAT_VERSION}", where=str(path / CONFIG_NAME),
                              fix="export it again with this version (`uld export-model`)")
-        projections: dict[str, np.ndarray] = {}
-        if (path / PROJECTIONS_NAME).is_file():
-            from safetensors.numpy import load_file
+        # Bundles written before the part key: ZeroShot's or D-ULD's.
+        name = str(cfg.get("part") or ("zeroshot" if cfg.get("method") == "zeroshot" else "heads"))
+        if name not in PARTS:
+            raise StoreError(f"unknown model part {name!r}", where=str(path / CONFIG_NAME),
+                             fix=f"this version reads {', '.join(PARTS)}: update the project, or export the model again")
+        recipe = None
+        if "features" in cfg:
+            projections: dict[str, np.ndarray] = {}
+            if (path / PROJECTIONS_NAME).is_file():
+                from safetensors.numpy import load_file
 
-            projections = {k: np.asarray(v, np.float32) for k, v in load_file(str(path / PROJECTIONS_NAME)).items()}
-        missing = sorted(set(cfg["features"].get("projected_layers", [])) - set(projections))
-        if missing:
-            raise StoreError(f"the model's projections of layers {missing} are missing", where=str(path / PROJECTIONS_NAME),
-                             fix="copy the whole model folder")
-        recipe = FeatureRecipe.from_json(cfg["features"], projections)
-        ref = BackboneRef(**cfg["backbone"])
-        common = dict(roi=cfg.get("roi", "box"), source=cfg.get("source"), device=device)
-        if cfg["method"] == "zeroshot":
-            from pipeline.methods.zeroshot import ZeroShot
-
-            return cls("zeroshot", recipe, ref, zeroshot=ZeroShot.from_pretrained(path / ZEROSHOT_DIR), **common)
-        from pipeline.heads.model import ULDHeads
-        from pipeline.methods.duld import DULDConfig
-
-        centroids = path / HEADS_DIR / CENTROIDS_NAME
-        if not centroids.is_file():
-            raise StoreError("the D-ULD model has no centroids", where=str(centroids), fix="copy the whole model folder")
-        return cls("duld", recipe, ref, heads=ULDHeads.from_pretrained(path / HEADS_DIR), centers=np.load(centroids),
-                   duld_config=DULDConfig.from_json(cfg["duld"]), **common)
+                projections = {k: np.asarray(v, np.float32) for k, v in load_file(str(path / PROJECTIONS_NAME)).items()}
+            missing = sorted(set(cfg["features"].get("projected_layers", [])) - set(projections))
+            if missing:
+                raise StoreError(f"the model's projections of layers {missing} are missing", where=str(path / PROJECTIONS_NAME),
+                                 fix="copy the whole model folder")
+            recipe = FeatureRecipe.from_json(cfg["features"], projections)
+        if "crop" in cfg:
+            crop = CropRule(int(cfg["crop"]["size"]), float(cfg["crop"]["margin"]))
+        elif recipe is not None:
+            crop = CropRule(recipe.image_size, float(recipe.spec.crop_margin))
+        else:
+            raise StoreError("the model records neither its crop rule nor its features", where=str(path / CONFIG_NAME),
+                             fix="export it again (`uld export-model`)")
+        part = PARTS[name].load(path, str(cfg["method"]), cfg, device)
+        return cls(part, crop, BackboneRef.from_json(cfg["backbone"]), recipe=recipe, source=cfg.get("source"), device=device)
 
     @classmethod
     def _from_run(cls, run_dir: Path, device: str, round_: int | None) -> "LandmarkPredictor":
-        from storage.run_models import CENTROIDS_NAME as RUN_CENTROIDS
-        from storage.run_models import locate_run_model, read_store_recipe
-
-        rm = locate_run_model(run_dir, round_)
-        sr = read_store_recipe(rm.store_path)
-        recipe = FeatureRecipe(
-            spec=spec_from_json(sr.spec), layers=tuple(sr.layers), keys=tuple(sr.keys), shapes=sr.shapes, projections=sr.projections,
-            store_config_hash=sr.config_hash, shard_size=sr.shard_size, extraction_batch_size=sr.extraction_batch_size,
-        )
-        # The backbone as the run was given it (a workspace name, folder or hub id); identity from the store.
-        ref = BackboneRef(spec=str(rm.config.get("backbone") or sr.backbone_name), name=sr.backbone_name, identity=sr.backbone_identity)
-        source = {"run_id": rm.run_id, "dataset": rm.config.get("dataset"), "stage": rm.stage, "round": rm.round}
-        if rm.method == "zeroshot":
-            from pipeline.methods.zeroshot import ZeroShot
-
-            model = ZeroShot.from_pretrained(rm.model_dir)
-            if model.crop_size != recipe.image_size:
-                raise StoreError(f"ZeroShot crop size {model.crop_size} differs from its store's {recipe.image_size}", where=str(rm.model_dir))
-            return cls("zeroshot", recipe, ref, zeroshot=model, roi=str(rm.config.get("roi", "box")), source=source, device=device)
-        from pipeline.heads.model import ULDHeads
-        from pipeline.methods.duld import DULDConfig
-
-        heads = ULDHeads.from_pretrained(rm.model_dir)
-        if tuple(heads.config.feature_keys) != tuple(sorted(recipe.keys)):
-            raise StoreError(f"the heads read {heads.config.feature_keys}, the store holds {recipe.keys}", where=str(rm.model_dir))
-        return cls("duld", recipe, ref, heads=heads, centers=np.load(rm.model_dir / RUN_CENTROIDS),
-                   duld_config=DULDConfig.from_json(rm.config["duld"]), roi=bool(rm.config.get("roi", True)), source=source, device=device)
+        config = json.loads((run_dir / "config.json").read_text())
+        method = str(config.get("method", ""))
+        if method not in RUN_METHODS:
+            raise StoreError(f"runs of method {method!r} have no trained model to predict with", where=str(run_dir / "config.json"),
+                             fix=f"use a run of one of: {', '.join(RUN_METHODS)}")
+        rp = RUN_METHODS[method].from_run(run_dir, config, round_, device)
+        return cls(rp.part, rp.crop, rp.backbone_ref, recipe=rp.recipe, source=rp.source, device=device)
 
     # ---------------------------------------------------------- prediction
     def predict(self, images: Sequence[str | Path | ImageItem] | str | Path, *, batch_size: int = 16, progress: bool = True) -> pd.DataFrame:
@@ -494,27 +1059,33 @@ class LandmarkPredictor:
     def run(self, images: Sequence[str | Path | ImageItem] | str | Path, *, batch_size: int = 16, progress: bool = True) -> PredictionResult:
         """:meth:`predict` with everything: the frame, the skipped images, crop-pixel landmarks and crop boxes.
 
-        Streams: images are read, cropped and encoded one backbone batch at a
-        time, and the method runs on ``batch_size`` images at a time, so memory
-        is a batch whatever the number of images.
+        Streams: images are read, cropped (and, for a feature method, encoded) one backbone
+        batch at a time, and the method part runs on ``batch_size`` images at a time, so
+        memory is a batch whatever the number of images.
         """
         from tqdm.auto import tqdm
 
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}", where="--batch-size", fix="use e.g. 16")
+        multiple = self.part.batch_multiple
+        batch_size = -(-batch_size // multiple) * multiple
         items = [im if isinstance(im, ImageItem) else ImageItem(str(im), str(im)) for im in ([images] if isinstance(images, (str, Path)) else images)]
         skipped: list[dict[str, str]] = []
         parts: list[tuple[list[ImageItem], LandmarkSet, np.ndarray, np.ndarray]] = []
-        buf_items: list[ImageItem] = []
-        buf_feats: list[dict[str, np.ndarray]] = []
-        buf_meta: list[tuple[np.ndarray, np.ndarray, tuple[int, int]]] = []  # (crop box, object box, (w, h))
+        buf: list[tuple[ImageItem, Any]] = []  # (item, (features, (crop box, object box, (w, h)), crop))
+        reads_features = self.part.inputs == "features"
 
         def flush(n: int) -> None:
-            feats = {k: np.concatenate([f[k] for f in buf_feats[:n]]) for k in self.recipe.keys}
-            crops = np.stack([m[0] for m in buf_meta[:n]])
-            rois = object_rois(np.stack([m[1] for m in buf_meta[:n]]), np.array([m[2] for m in buf_meta[:n]]), crops, self.recipe.image_size)
-            parts.append((buf_items[:n], self._predict_batch(feats, rois), crops, np.array([m[2] for m in buf_meta[:n]])))
-            del buf_items[:n], buf_feats[:n], buf_meta[:n]
+            items_n = [b[0] for b in buf[:n]]
+            outs = [b[1] for b in buf[:n]]
+            feats = {k: np.concatenate([o[0][k] for o in outs]) for k in self.recipe.keys} if reads_features else None
+            boxes = np.stack([o[1][0] for o in outs])
+            sizes = np.array([o[1][2] for o in outs])
+            rois = object_rois(np.stack([o[1][1] for o in outs]), sizes, boxes, self.crop.size)
+            batch = MethodBatch(np.stack([o[2] for o in outs]), feats, rois, np.array([it.noise_index for it in items_n], np.int64),
+                                self.backbone if self.needs_backbone else None)
+            parts.append((items_n, self.part.predict_batch(batch), boxes, sizes))
+            del buf[:n]
 
         bar = tqdm(total=sum(it.keep for it in items), desc=f"predict {self.method}", unit="img", disable=not progress)
         for group in _encode_groups(items, batch_size):
@@ -524,25 +1095,24 @@ class LandmarkPredictor:
                         skipped.append({"image": item.path, "image_id": item.image_id, "reason": out})
                     continue
                 if item.keep:
-                    feats, meta = out
-                    buf_items.append(item)
-                    buf_feats.append(feats)
-                    buf_meta.append(meta)
-            while len(buf_items) >= batch_size:
+                    buf.append((item, out))
+            while len(buf) >= batch_size:
                 flush(batch_size)
             bar.update(sum(it.keep for it in group))
-        if buf_items:
-            flush(len(buf_items))
+        if buf:
+            flush(len(buf))
         bar.close()
         return self._result(parts, skipped)
 
     def _encode_group(self, group: list[ImageItem]) -> list[Any]:
-        """Per item: ``(features, (crop box, object box, (w, h)))`` or the reason it failed (a str)."""
+        """Per item: ``(features, (crop box, object box, (w, h)), crop)`` or the reason it failed (a str).
+
+        ``features`` is ``{}`` for a part that reads crops (no backbone call)."""
         from pipeline.datasets.crop import crop_boxes, crop_image
         from pipeline.datasets.folder import unlabelled_box
         from pipeline.datasets.images import read_image
 
-        S = self.recipe.image_size
+        S = self.crop.size
         out: list[Any] = [None] * len(group)
         crops, ok, meta = [], [], {}
         for j, item in enumerate(group):
@@ -556,42 +1126,24 @@ class LandmarkPredictor:
             if not (np.isfinite(box).all() and box[2] > box[0] and box[3] > box[1]):
                 out[j] = f"invalid object box {tuple(box)}"
                 continue
-            cbox = crop_boxes(box[None], self.recipe.spec.crop_margin)[0]
+            cbox = crop_boxes(box[None], self.crop.margin)[0]
             crops.append(crop_image(image, cbox, S))
             ok.append(j)
             meta[j] = (cbox, box.astype(np.float32), (w, h))
-        if ok:
-            feats = encode_crops(self.backbone, np.stack(crops), self.recipe, [group[j].noise_index for j in ok])
+        if not ok:
+            return out
+        if self.part.inputs != "features":
             for n, j in enumerate(ok):
-                one = {k: v[n : n + 1] for k, v in feats.items()}
-                if not all(np.isfinite(v).all() for v in one.values()):
-                    out[j] = "features overflow float16 (|x| > 65504) or are NaN"  # as the store refuses them
-                    continue
-                out[j] = (one, meta[j])
+                out[j] = ({}, meta[j], crops[n])
+            return out
+        feats = encode_crops(self.backbone, np.stack(crops), self.recipe, [group[j].noise_index for j in ok])
+        for n, j in enumerate(ok):
+            one = {k: v[n : n + 1] for k, v in feats.items()}
+            if not all(np.isfinite(v).all() for v in one.values()):
+                out[j] = "features overflow float16 (|x| > 65504) or are NaN"  # as the store refuses them
+                continue
+            out[j] = (one, meta[j], crops[n])
         return out
-
-    def _predict_batch(self, feats: dict[str, np.ndarray], rois: np.ndarray) -> LandmarkSet:
-        """The method on one batch of stored-form features; landmarks in crop pixels."""
-        if self.method == "zeroshot":
-            # (With n_test_samples set, ZeroShot draws each image's pixels from its position in
-            # the batch; runs default to every RoI pixel, which does not depend on it.)
-            masks = None
-            if self.roi == "foreground":
-                from pipeline.methods.foreground import foreground_masks
-
-                masks = foreground_masks([feats])
-            elif self.roi != "box":
-                raise ConfigError(f"unknown RoI rule {self.roi!r}", where="predictor.json roi", fix="use 'box' or 'foreground'")
-            return self.zeroshot.predict([feats], rois, progress=False, masks=masks)
-        import torch
-
-        from pipeline.methods.duld import predict_landmarks
-
-        n = len(rois)
-        batch = {"index": torch.arange(n), "features": {k: torch.from_numpy(v.astype(np.float32)) for k, v in feats.items()}}
-        # Float32 from float16, as the store's loader hands features to the heads.
-        pred = predict_landmarks(self.heads, [batch], self.centers, self.duld_config, progress=False, rois=rois if self.roi else None)
-        return pred.landmarks
 
     def _result(self, parts: list, skipped: list[dict[str, str]]) -> PredictionResult:
         from pipeline.datasets.crop import to_original
@@ -602,7 +1154,7 @@ class LandmarkPredictor:
         boxes = np.concatenate([p[2] for p in parts]).astype(np.float32) if parts else np.zeros((0, 4), np.float32)
         sizes = np.concatenate([p[3] for p in parts]) if parts else np.zeros((0, 2), np.int64)
         n = len(items)
-        xy = to_original(lms.coords, boxes, self.recipe.image_size) if n else np.zeros((0, K, 2), np.float32)
+        xy = to_original(lms.coords, boxes, self.crop.size) if n else np.zeros((0, K, 2), np.float32)
         frame = pd.DataFrame(
             {
                 "image": np.repeat(np.array([it.path for it in items], dtype=object), K),

@@ -30,8 +30,9 @@ CHECKPOINTS_DIR = "checkpoints"
 # The D-ULD checkpoint files (flows/duld.py writes them; tests/test_predict.py checks the names agree).
 STATE_NAME = "state.json"
 CENTROIDS_NAME = "centroids.npy"
-# Methods whose runs are trained heads + landmark centroids in checkpoints (flows/duld.py's engine).
-HEADS_METHODS = ("duld", "mallis-d")
+# Methods whose runs are trained heads + landmark centroids in checkpoints (flows/duld.py's engine;
+# D-ULD++'s proxy / TSC checkpoints add its pose VAE and two-stage labeller, read by pipeline.predictor).
+HEADS_METHODS = ("duld", "mallis-d", "duld++")
 
 
 @dataclass(frozen=True)
