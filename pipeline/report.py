@@ -137,12 +137,13 @@ def presence_table(keypoints: pd.DataFrame, split: str | None = None) -> pd.Data
 
 
 def flip_table(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Per discovered landmark: its partner under a horizontal flip and the flip error
-    (``flows.discover``'s ``flip_error_lm<k>`` / ``flip_partner_lm<k>`` metrics), when the run has them."""
+    """Per discovered landmark: its partner under a horizontal flip, the flip error and the error under
+    small affine warps (``flows.discover``'s ``flip_error_lm<k>`` / ``flip_partner_lm<k>`` /
+    ``warp_error_lm<k>`` metrics), when the run has them."""
     m = _mean_rows(metrics)
     rows: dict[int, dict[str, Any]] = {}
     for r in m.itertuples(index=False):
-        hit = re.match(r"^(flip_error|flip_partner|renoise_error)_lm(\d+)$", str(r.metric))
+        hit = re.match(r"^(flip_error|flip_partner|warp_error|renoise_error)_lm(\d+)$", str(r.metric))
         if hit:
             rows.setdefault(int(hit[2]), {"landmark_id": int(hit[2])})[hit[1]] = r.value
     if not rows:
@@ -150,7 +151,7 @@ def flip_table(metrics: pd.DataFrame) -> pd.DataFrame:
     table = pd.DataFrame([rows[k] for k in sorted(rows)])
     if "flip_partner" in table.columns:
         table["flip_partner"] = table["flip_partner"].astype(int)
-    return table[[c for c in ("landmark_id", "flip_partner", "flip_error", "renoise_error") if c in table.columns]]
+    return table[[c for c in ("landmark_id", "flip_partner", "flip_error", "warp_error", "renoise_error") if c in table.columns]]
 
 
 def _html_table(frame: pd.DataFrame, css: str = "") -> str:
@@ -361,16 +362,20 @@ def render_html(data: ReportData) -> str:
     if not flips.empty:
         mean = _mean_rows(metrics)
         overall = mean.loc[mean["metric"] == "flip_error", "value"]
+        warped = mean.loc[mean["metric"] == "warp_error", "value"]
         floor = mean.loc[mean["metric"] == "renoise_error", "value"]
-        parts.append("<h2>Consistency under a horizontal flip (no labels needed)</h2>")
-        if len(overall):
-            parts.append(f"<p>mean flip error: <b>{html.escape(fmt(overall.iloc[-1]))}</b> % of sqrt(w*h)"
+        what = " and ".join(w for w, have in (("a horizontal flip", "flip_error" in flips), ("small affine warps", "warp_error" in flips)) if have)
+        parts.append(f"<h2>Consistency under {what} (no labels needed)</h2>")
+        means = [f"mean {name} error: <b>{html.escape(fmt(v.iloc[-1]))}</b> %" for name, v in (("flip", overall), ("warp", warped)) if len(v)]
+        if means:
+            parts.append("<p>" + "; ".join(means) + " of sqrt(w*h) of the object box"
                          + (f"; noise floor (same images, other diffusion noise): {html.escape(fmt(floor.iloc[-1]))} %" if len(floor) else "")
                          + "</p>")
-        parts.append(_html_table(flips) + "<p class='note'>Landmarks found on the mirror image, mapped back, against the "
+        parts.append(_html_table(flips) + "<p class='note'>Landmarks found on the mirror image (flip) or on a seeded small affine "
+                     "warp of the image (rotation, scale, shift; warp), mapped back, against the "
                      "original's; flip_partner is the landmark a landmark becomes when mirrored (a left-eye landmark "
                      "should become the right-eye one), found by Hungarian matching; renoise_error: how far the landmark moves when the same image is "
-                     "encoded with other diffusion noise (the floor a flip error can reach with these features).</p>")
+                     "encoded with other diffusion noise (the floor a flip or warp error can reach with these features).</p>")
     presence = presence_table(data.keypoints) if data.keypoints is not None and not data.keypoints.empty else pd.DataFrame()
     if not presence.empty:
         parts.append("<h2>Landmark presence per discovered landmark (every image, last round)</h2>" + _html_table(presence))

@@ -47,6 +47,10 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("bbox_y0", pa.float32()),
             pa.field("bbox_x1", pa.float32()),
             pa.field("bbox_y1", pa.float32()),
+            # How the object box was made (pipeline.datasets.base.BOX_SOURCES): "landmarks" (around the
+            # ground-truth points), "image" (the whole image), "file" (given by the dataset's files).
+            # Null in manifests written before the column (Manifest.box_sources resolves it).
+            pa.field("box_source", pa.string()),
             pa.field("landmarks", pa.list_(pa.float32())),
             pa.field("visible", pa.list_(pa.bool_())),
             pa.field("yaw", pa.float32()),
@@ -204,7 +208,7 @@ SCHEMAS: dict[str, pa.Schema] = {
 # pseudo-labels before `pose_code` existed had no pose codes).
 _PROTOCOL_DEFAULTS = {"protocol": "paper", "box": "landmarks"}
 ADDED_COLUMNS: dict[str, dict[str, Any]] = {"keypoints": {"fallback": False}, "metrics": _PROTOCOL_DEFAULTS, "errors": _PROTOCOL_DEFAULTS,
-                                             "pseudolabels": {"pose_code": None}}
+                                             "pseudolabels": {"pose_code": None}, "manifest": {"box_source": None}}
 
 _META_KEY = b"uld"
 

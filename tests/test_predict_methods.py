@@ -289,3 +289,23 @@ def test_checkpoint_file_names_agree_with_the_flows():
     assert predictor.CONDGEN_WEIGHTS == condgen.WEIGHTS_NAME and predictor.SK_TOKENS == stablekeypoints.TOKENS_NAME
     assert set(predictor.RUN_METHODS) == set(predictor.METHODS)
     assert set(duld.ENGINE_METHODS) | {"zeroshot", "jakab", "c3", "stablekeypoints"} == set(predictor.RUN_METHODS)
+
+
+def test_bundles_written_before_the_method_parts_still_load(runs, tmp_path):
+    """A ZeroShot / D-ULD bundle of the first format (no ``part``, ``crop`` or backbone ``use``) loads as before."""
+    from flows.datasets import load_manifest
+    from pipeline.predictor import LandmarkPredictor
+    from tiny_runs import DULD_RUN, ZEROSHOT_RUN
+
+    paths = load_manifest(runs.home, "synthetic", "test").frame["path"].tolist()[:2]
+    for run_id in (ZEROSHOT_RUN, DULD_RUN):
+        p = LandmarkPredictor.from_pretrained(runs.home / "runs" / run_id)
+        folder = p.save_pretrained(tmp_path / run_id)
+        cfg = json.loads((folder / "predictor.json").read_text())
+        for key in ("part", "crop"):
+            del cfg[key]
+        del cfg["backbone"]["use"]
+        (folder / "predictor.json").write_text(json.dumps(cfg))
+        old = LandmarkPredictor.from_pretrained(folder)
+        assert type(old.part) is type(p.part) and old.crop == p.crop and old.backbone_ref.use == "features"
+        pd.testing.assert_frame_equal(old.predict(paths, progress=False), p.predict(paths, progress=False))
