@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from flows.cli_options import TRAIN_THREADS
 from pipeline.datasets.crop import DEFAULT_CROP_MARGIN
 
 HELP = (
@@ -33,7 +34,7 @@ def register(app: typer.Typer) -> None:
         save_dtype: str = typer.Option("float32", "--save-dtype", help="Weights dtype on disk: float32 or float16 (half the size)."),
         checkpoint_every: int = typer.Option(250, "--checkpoint-every", min=1, help="Steps between resumable checkpoints."),
         limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Train on the first N training images only."),
-        threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads. 1 is fastest on a shared 2-core machine (more threads oversubscribe: 0.3-1 steps/s instead of 2.9 measured); raise it on an idle multi-core one."),
+        threads: int = typer.Option(TRAIN_THREADS, "--threads", min=1, help="torch CPU threads. 1 is fastest on a shared 2-core machine (more threads oversubscribe: 0.3-1 steps/s instead of 2.9 measured); raise it on an idle multi-core one."),
         channels: Optional[str] = typer.Option(None, "--channels", help="UNet widths per resolution level, e.g. 16,32,64,128 (self-attention at the lowest level) [default: the shipped 16,24,32,64]."),
         flip: bool = typer.Option(False, "--flip/--no-flip", help="Random horizontal flips of the training crops (see TrainConfig.flip for why it is off by default)."),
         kind: str = typer.Option("ddpm", "--kind", help="ddpm (UNet2DModel) or context-ddpm: a UNet2DConditionModel whose cross-attention reads a few learned constant tokens (the CPU model for `uld train --method stablekeypoints`; --channels default 32,64)."),

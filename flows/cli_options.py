@@ -23,6 +23,10 @@ Size = Annotated[int, typer.Option("--size", help=f"Crop size in pixels fed to t
 CropMargin = Annotated[float, typer.Option("--crop-margin", help=f"Margin around the object box, as a fraction of its size {_SAME}.")]
 ReduceChannels = Annotated[Optional[int], typer.Option("--reduce-channels", help=f"Project each layer to this many channels (fixed seeded random projection) {_SAME}.")]
 
+# torch CPU threads for DDPM training (`uld backbone train --threads`, `uld discover --train-backbone`):
+# 1 is fastest on a shared 2-core machine (more threads oversubscribe: 0.3-1 steps/s instead of 2.9 measured).
+TRAIN_THREADS = 1
+
 # Evaluation options shared by `uld evaluate` and every method command that evaluates
 # (zeroshot, duld, evaluate-baseline): pipeline.evaluation.protocols defines the values.
 Protocol = Annotated[str, typer.Option("--protocol", help="Regressor protocol: paper (ridge, lambda 0.001/0.1 x max(XtX) fwd/bwd, 300 images, 5 repeats; 001 Table 1) | mallis (ridge, lambda 0.1 both, 10 repeats, all images forward on 5-point sets) | lstsq (least squares without intercept, all images). Recorded in every metrics row.")]

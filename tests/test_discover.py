@@ -56,6 +56,68 @@ def test_same_landmark_error_is_the_mean_distance_where_both_are_present():
     assert np.allclose(err, [50.0, 0.0]) and n.tolist() == [1, 2]
 
 
+# ---------------------------------------------------------------- the warp measure, on constructed cases
+def _blob_image(width: int, height: int, centres: np.ndarray) -> np.ndarray:
+    """One Gaussian blob per colour channel, centred (continuous pixel convention) on ``centres``."""
+    yy, xx = np.mgrid[0:height, 0:width] + 0.5
+    img = np.zeros((height, width, 3), np.uint8)
+    for c, (x, y) in enumerate(centres):
+        img[..., c] = np.clip(255 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 3.0**2)), 0, 255).astype(np.uint8)
+    return img
+
+
+def _blob_detector(img: np.ndarray) -> np.ndarray:
+    """An exactly equivariant landmark detector: the intensity centroid of each channel's blob."""
+    yy, xx = np.mgrid[0 : img.shape[0], 0 : img.shape[1]] + 0.5
+    out = []
+    for c in range(3):
+        w = img[..., c].astype(np.float64)
+        w = np.where(w > 20, w, 0.0)  # drop the mean-colour fill the warp brings in at the borders
+        out.append([(w * xx).sum() / w.sum(), (w * yy).sum() / w.sum()])
+    return np.array(out)
+
+
+def test_warp_consistency_is_zero_for_an_equivariant_detector_and_exact_for_a_fixed_one():
+    from pipeline.evaluation.warp import WarpRange, apply_affine, small_affine, warp_box, warp_consistency, warp_image
+
+    W, H = 80, 60
+    centres = np.array([[20.3, 15.2], [55.7, 30.1], [40.0, 45.5]])
+    rng = np.random.default_rng(0)
+    mats = np.stack([small_affine(rng, W, H) for _ in range(4)])
+    # within the range: |rotation| <= 3 deg, |scale - 1| <= 5 %, the centre moves <= 3 % of the side
+    for m in mats:
+        scale = np.sqrt(abs(np.linalg.det(m[:2, :2])))
+        assert abs(scale - 1) <= 0.05 and abs(np.degrees(np.arctan2(m[1, 0], m[0, 0]))) <= 3.0
+        assert np.all(np.abs(apply_affine(np.array([W / 2, H / 2]), m) - [W / 2, H / 2]) <= 0.03 * np.array([W, H]) + 1e-9)
+        assert not np.allclose(m, np.eye(3))
+    img = _blob_image(W, H, centres)
+    assert np.array_equal(warp_image(img, np.eye(3)), img)
+    orig = np.stack([_blob_detector(img)] * 4)
+    warped = np.stack([_blob_detector(warp_image(img, m)) for m in mats])
+    present = np.ones((4, 3), bool)
+    sizes = np.full((4, 2), [W, H])
+    err, n = warp_consistency(orig, present, warped, present, mats, sizes)
+    assert n.tolist() == [4, 4, 4] and err.max() < 0.1  # % of sqrt(w*h): well under a tenth of a pixel
+    # a detector that ignores the image (always the same points): the error is how far the inverse moves them
+    fixed = np.stack([centres] * 4)
+    err, _ = warp_consistency(fixed, present, fixed, present, mats, sizes)
+    expect = np.mean([np.linalg.norm(apply_affine(centres, np.linalg.inv(m)) - centres, axis=1) for m in mats], axis=0) / np.sqrt(W * H) * 100
+    assert np.allclose(err, expect) and err.min() > 0.1
+    # a landmark missing in the warped images has no error
+    wp = present.copy()
+    wp[:, 1] = False
+    err, n = warp_consistency(orig, present, warped, wp, mats, sizes)
+    assert n[1] == 0 and np.isnan(err[1])
+    # the warped box holds the warped corners; bad ranges are refused
+    box = warp_box(np.array([10.0, 5.0, 30.0, 25.0]), mats[0])
+    corners = apply_affine(np.array([[10.0, 5.0], [30.0, 25.0], [10.0, 25.0], [30.0, 5.0]]), mats[0])
+    assert np.all(corners >= box[:2] - 1e-9) and np.all(corners <= box[2:] + 1e-9)
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="rotation_deg"):
+        small_affine(rng, W, H, WarpRange(rotation_deg=90))
+
+
 # ---------------------------------------------------------------- end to end on generated images
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
@@ -91,7 +153,7 @@ def test_discover_zeroshot_on_a_folder_writes_landmarks_overlays_and_a_report(fo
     args = ("discover", "--images", str(photos), "-k", str(K), "--backbone", backbone, "--size", str(SIZE), "--samples-per-image", "40", "--overlays", "5")
     res = _cli(home, *args)
     assert res.exit_code == 0, res.output
-    assert "broken.png" in res.output and "flip consistency" in res.output
+    assert "broken.png" in res.output and "consistency" in res.output and "warp_error" in res.output
     runs = sorted((home / "runs").glob(f"folder-my-photos-zeroshot-k{K}-*[0-9a-f]"))
     assert len(runs) == 1
     run = runs[0]
@@ -103,10 +165,19 @@ def test_discover_zeroshot_on_a_folder_writes_landmarks_overlays_and_a_report(fo
     assert {"train", "test"} == set(table["split"])
     assert len(list((run / "figures" / "overlays").glob("*.png"))) == 5
     m = read_table(run / "metrics.parquet", "metrics")
-    assert {"flip_error", "renoise_error", "silhouette"} <= set(m["metric"])
+    assert {"flip_error", "warp_error", "renoise_error", "silhouette"} <= set(m["metric"])
+    assert {f"warp_error_lm{k}" for k in range(K)} <= set(m["metric"])
+    warp = m[m["metric"] == "warp_error"]["value"].iloc[-1]
+    assert np.isfinite(warp) and 0 <= warp < 100
     assert not m["metric"].str.startswith("nme_").any()  # no labels, no NME
     page = (run / "report.html").read_text()
-    assert "Consistency under a horizontal flip" in page and "noise floor" in page and page.count("data:image/png;base64,") >= 3
+    assert "Consistency under a horizontal flip and small affine warps" in page and "noise floor" in page and "mean warp error" in page
+    assert page.count("data:image/png;base64,") >= 3
+    # the folder's boxes are recorded as the whole image
+    from flows.datasets import load_manifest
+
+    test_manifest = load_manifest(home, "folder-my-photos", "test")
+    assert set(test_manifest.frame["box_source"]) == {"image"} and set(test_manifest.box_sources()) == {"image"}
     # the same command again resumes every stage and gives the same landmarks
     again = _cli(home, *args)
     assert again.exit_code == 0, again.output
@@ -173,3 +244,143 @@ def test_small_folders_keep_one_test_image_and_unreadable_files_are_listed(tmp_p
     # a glob of the readable ones: nothing skipped, and the old skipped list is gone
     n_train, n_test, skipped = build_folder_manifests(str(photos / "*.png"), home, "cats")
     assert (n_train, n_test, len(skipped)) == (2, 1, 0) and not ws.skipped("cats").exists()
+
+
+def test_discover_trains_its_backbone_resumes_it_and_skips_it_when_done(folder, prefect_harness):
+    """--train-backbone: the backbone flow trains a DDPM on the images, the features use it; more steps
+    continue the same training from its checkpoint, the same steps again skip it."""
+    from flows.discover import discover, own_backbone_name
+    from pipeline.datasets.crop import DEFAULT_CROP_MARGIN
+    from storage.layout import Workspace
+
+    base, photos, _ = folder
+    home = base / "ws-train"
+    kw = dict(k=K, home=home, size=SIZE, n_samples_per_image=30, max_overlays=0, flip=False, warp=False, train_backbone=True,
+              backbone_options={"batch_size": 4, "channels": (16, 32)}, method_options={"n_init": 1, "max_iter": 5})
+    first = discover(str(photos / "sub" / "*.png"), backbone_steps=2, **kw)
+    name = own_backbone_name(home, first.dataset, SIZE, DEFAULT_CROP_MARGIN, 0)
+    assert first.backbone == name and name.startswith(f"ddpm-{first.dataset}-{SIZE}-")
+    bdir = Workspace(home).backbone_dir(name)
+    record = json.loads((bdir / "training_record.json").read_text())
+    assert record["steps"] == 2 and record["n_images"] == first.n_train and record["segments"][-1]["threads"] == 1
+    meta = json.loads((bdir / "uld_backbone.json").read_text())
+    # more steps: continues from the step-2 checkpoint (a second segment), new weights -> a new store and run
+    more = discover(str(photos / "sub" / "*.png"), backbone_steps=3, **kw)
+    record = json.loads((bdir / "training_record.json").read_text())
+    assert record["steps"] == 3 and [(s["from_step"], s["to_step"]) for s in record["segments"]] == [(0, 2), (2, 3)]
+    assert more.store != first.store and more.run_id != first.run_id
+    assert json.loads((bdir / "uld_backbone.json").read_text()) != meta
+    # the same command again: training skipped (nothing rewritten), the same run
+    stamp = (bdir / "uld_backbone.json").stat().st_mtime_ns
+    again = discover(str(photos / "sub" / "*.png"), backbone_steps=3, **kw)
+    assert (bdir / "uld_backbone.json").stat().st_mtime_ns == stamp and again.run_id == more.run_id
+    # fewer steps than done: refused with the step count that works
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--backbone-steps 3"):
+        discover(str(photos / "sub" / "*.png"), backbone_steps=2, **kw)
+    with pytest.raises(ConfigError, match="--train-backbone"):
+        discover(str(photos / "sub" / "*.png"), backbone="shipped", **kw)
+
+
+def test_discover_duld_force_end_to_end_with_a_box_file(folder, prefect_harness):
+    """`uld discover --method duld --force` on tiny data, with object boxes from a file: the run is redone,
+    the manifest records which boxes came from the file, and both checks run on the boxes."""
+    from flows.datasets import load_manifest
+
+    base, photos, backbone = folder
+    home = base / "ws-duld"
+    box_file = base / "boxes.csv"
+    listed = sorted(p.name for p in (photos / "sub").glob("*.png"))[:3]
+    # names relative to the CSV's folder; an image outside the glob is ignored
+    box_file.write_text("image,x0,y0,x1,y1\n" + "".join(f"my photos/sub/{n},2,3,{SIZE - 2},{SIZE - 1}\n" for n in listed)
+                        + f"my photos/img000.png,0,0,{SIZE},{SIZE}\n")
+    args = ("discover", "--images", str(photos / "sub" / "*.png"), "--method", "duld", "-k", str(K), "--backbone", backbone,
+            "--size", str(SIZE), "--rounds", "1", "--steps-per-round", "2", "--bootstrap-steps", "2", "--overlays", "1",
+            "--boxes", str(box_file))
+    res = _cli(home, *args)
+    assert res.exit_code == 0, res.output
+    runs = sorted((home / "runs").glob(f"folder-sub-duld-k{K}-*[0-9a-f]"))
+    assert len(runs) == 1
+    frame = pd.concat([load_manifest(home, "folder-sub", s).frame for s in ("train", "test")])
+    by_source = frame.groupby("box_source")["image_id"].apply(set).to_dict()
+    assert by_source["file"] == set(listed) and len(by_source["image"]) == 12 - 3
+    boxed = frame[frame["box_source"] == "file"]
+    assert (boxed[["bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"]].to_numpy() == [2, 3, SIZE - 2, SIZE - 1]).all()
+    first_config = (runs[0] / "config.json").stat().st_mtime_ns
+    forced = _cli(home, *args, "--force")
+    assert forced.exit_code == 0, forced.output
+    assert (runs[0] / "config.json").stat().st_mtime_ns != first_config  # redone, not resumed
+    kp = pd.read_parquet(runs[0] / "keypoints.parquet")
+    assert set(kp["stage"]) == {"bootstrap", "round"} and kp["image_id"].nunique() == 12
+    from storage.tables import read_table
+
+    m = read_table(runs[0] / "metrics.parquet", "metrics")
+    assert {"flip_error", "warp_error", "renoise_error"} <= set(m["metric"])
+    assert len(list((runs[0] / "figures" / "overlays").glob("*.png"))) == 1
+
+
+def test_box_file_errors_and_old_manifests_without_box_sources(tmp_path):
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from flows.discover import build_folder_manifests
+    from pipeline.datasets.base import Manifest
+    from pipeline.errors import DatasetError
+    from storage.layout import Workspace
+
+    photos = tmp_path / "p"
+    photos.mkdir()
+    for n in range(3):
+        Image.new("RGB", (20, 16), (n * 40, 10, 10)).save(photos / f"c{n}.png")
+    home = tmp_path / "ws"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,x0,y0,x1,y1\nc0.png,1,1,10,10\nnope.png,1,1,5,5\n")
+    with pytest.raises(DatasetError, match="nope.png") as err:
+        build_folder_manifests(str(photos), home, "p", bad)
+    assert "line 3" in str(err.value.where)
+    bad.write_text("image,x0,y0,x1,y1\nc1.png,10,1,5,10\n")  # x1 < x0
+    with pytest.raises(DatasetError, match="empty or outside"):
+        build_folder_manifests(str(photos), home, "p", bad)
+    bad.write_text("image,left,top\n")
+    with pytest.raises(DatasetError, match="lacks the columns"):
+        build_folder_manifests(str(photos), home, "p", bad)
+    good = tmp_path / "good.csv"
+    good.write_text(f"image,x0,y0,x1,y1\n{photos / 'c2.png'},2,2,12,14\n")  # an absolute path works too
+    build_folder_manifests(str(photos), home, "p", good)
+    ws = Workspace(home)
+    every = Manifest.concat([Manifest.load(ws.manifest("p", s)) for s in ("train", "test")])
+    src = dict(zip(every.frame["image_id"], every.box_sources()))
+    assert src == {"c0.png": "image", "c1.png": "image", "c2.png": "file"}
+    # a manifest written before the column: it still loads, and its boxes read as today's rule
+    path = ws.manifest("p", "train")
+    table = pq.read_table(path)
+    pq.write_table(table.drop(["box_source"]), path)
+    old = Manifest.load(path)
+    assert old.frame["box_source"].isna().all()
+    assert list(old.box_sources()) == ["image" if i != "c2.png" else "landmarks" for i in old.frame["image_id"]]
+
+
+def test_manifest_rows_record_their_box_source_and_the_landmark_box_rule_reads_it():
+    from pipeline.datasets.base import DatasetMeta, Manifest, manifest_row
+    from pipeline.errors import DatasetError
+
+    lm = np.array([[10.0, 10.0], [40.0, 10.0], [25.0, 30.0]])
+    rows = [
+        manifest_row("a", "test", "a.png", 100, 80, lm),  # box from the points
+        manifest_row("b", "test", "b.png", 100, 80, np.full((3, 2), np.nan)),  # no points: the whole image
+        manifest_row("c", "test", "c.png", 100, 80, lm, bbox=(0.0, 0.0, 60.0, 60.0)),  # given
+        manifest_row("d", "test", "d.png", 100, 80, lm, bbox=(5.0, 5.0, 45.0, 35.0), box_source="landmarks"),  # grown from the points
+    ]
+    assert [r["box_source"] for r in rows] == ["landmarks", "image", "file", "landmarks"]
+    with pytest.raises(DatasetError, match="unknown box source"):
+        manifest_row("e", "test", "e.png", 100, 80, lm, box_source="guess")
+    frame = pd.DataFrame(rows)
+    meta = DatasetMeta("t", ("p0", "p1", "p2"), normalisation="landmark_box", norm_points=None)
+    norm = Manifest(frame, meta).normalisers("landmarks")
+    # landmark box 30 x 20 from the points for a and d; c keeps its given 60 x 60 box
+    assert np.allclose(norm[[0, 3]], np.sqrt(30 * 20)) and np.isclose(norm[2], 60.0)
+    # without the column (an old manifest): every row rebuilt from its points, as before
+    legacy = Manifest(frame.drop(columns=["box_source"]), meta)
+    assert np.allclose(legacy.normalisers("landmarks")[[0, 2, 3]], np.sqrt(30 * 20))
+    assert list(legacy.box_sources()) == ["landmarks", "image", "landmarks", "landmarks"]

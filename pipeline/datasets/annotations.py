@@ -32,7 +32,7 @@ HOLDOUT_SEED = 0
 
 MANIFEST_COLUMNS = [
     "image_id", "split", "path", "width", "height", "bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1",
-    "landmarks", "visible", "yaw", "pitch", "roll", "pose_class",
+    "box_source", "landmarks", "visible", "yaw", "pitch", "roll", "pose_class",
 ]
 
 _SKIP_HINT = "or pass --skip-bad (skip_bad=True) to leave this item out and record it in skipped.parquet"

@@ -21,6 +21,10 @@ from pipeline.errors import DatasetError
 
 Normalisation = Literal["interocular", "landmark_box", "bbox"]
 
+#: How a manifest row's object box was made (its ``box_source`` column): around the
+#: ground-truth landmarks (possibly grown), the whole image, or given by the dataset's files.
+BOX_SOURCES: tuple[str, ...] = ("landmarks", "image", "file")
+
 
 @dataclass(frozen=True)
 class DatasetMeta:
@@ -102,6 +106,22 @@ class Manifest:
         """(N, 4) float32 object boxes (x0, y0, x1, y1) in original pixels."""
         return self.frame[["bbox_x0", "bbox_y0", "bbox_x1", "bbox_y1"]].to_numpy(np.float32)
 
+    def box_sources(self) -> np.ndarray:
+        """(N,) how each object box was made (:data:`BOX_SOURCES`).
+
+        Manifests written before the ``box_source`` column have nulls there; they
+        read as today's rule: a box that is the whole image is ``image``, any other
+        box ``landmarks`` (what the evaluation's default box rule calls it).
+        """
+        n = len(self.frame)
+        given = self.frame["box_source"] if "box_source" in self.frame.columns else pd.Series([None] * n, index=self.frame.index)
+        b = self.boxes().astype(np.float64)
+        whole = ((np.abs(b[:, 0]) < 1e-3) & (np.abs(b[:, 1]) < 1e-3) & (np.abs(b[:, 2] - self.frame["width"].to_numpy(np.float64)) < 1e-3)
+                 & (np.abs(b[:, 3] - self.frame["height"].to_numpy(np.float64)) < 1e-3)) if n else np.zeros(0, bool)
+        legacy = np.where(whole, "image", "landmarks")
+        known = given.notna().to_numpy() & given.astype(str).isin(BOX_SOURCES).to_numpy()
+        return np.where(known, given.astype(str).to_numpy(), legacy).astype(object)
+
     def split(self, name: str) -> "Manifest":
         sub = self.frame[self.frame["split"] == name].reset_index(drop=True)
         if len(sub) == 0:
@@ -119,6 +139,8 @@ class Manifest:
         ``"landmarks"`` keeps the dataset's box (the ground-truth landmark box, or the
         manifest's object box), ``"image"`` takes sqrt(w*h) of the whole image, as the
         StableKeypoints / Jakab / AutoLink code do. Inter-ocular distances do not use a box.
+        Under ``landmark_box`` the box is rebuilt from the points except for rows whose recorded
+        ``box_source`` is ``file`` or ``image``: a given box, or the whole image, is used as stored.
         """
         from pipeline.evaluation.protocols import check_box
 
@@ -136,6 +158,12 @@ class Manifest:
             hi = np.nanmax(lm, axis=1)
             wh = hi - lo
             d = np.sqrt(wh[:, 0] * wh[:, 1])
+            # Only a recorded source counts here: a manifest written before the column is evaluated as before.
+            recorded = self.frame["box_source"] if "box_source" in self.frame.columns else pd.Series([None] * len(self.frame), dtype=object)
+            stored = recorded.isin(("image", "file")).to_numpy()
+            if stored.any():
+                b = self.boxes().astype(np.float64)
+                d = np.where(stored, np.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])), d)
         else:
             b = self.boxes()
             d = np.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
@@ -177,8 +205,11 @@ def manifest_row(
     pitch: float = math.nan,
     roll: float = math.nan,
     pose_class: int = -1,
+    box_source: str | None = None,
 ) -> dict:
-    """One manifest row. ``bbox`` defaults to the box of the present landmarks."""
+    """One manifest row. ``bbox`` defaults to the box of the present landmarks (``box_source``
+    ``landmarks``; the whole image, ``image``, when none is present). A given ``bbox`` is ``file``
+    unless ``box_source`` says how the loader made it (e.g. ``landmarks`` for a grown landmark box)."""
     lm = np.asarray(landmarks, dtype=np.float32).reshape(-1, 2)
     if visible is None:
         visible = ~np.isnan(lm).any(axis=1)
@@ -186,8 +217,14 @@ def manifest_row(
         present = lm[~np.isnan(lm).any(axis=1)]
         if len(present) == 0:
             bbox = (0.0, 0.0, float(width), float(height))
+            box_source = box_source or "image"
         else:
             bbox = (*present.min(0).tolist(), *present.max(0).tolist())
+            box_source = box_source or "landmarks"
+    box_source = box_source or "file"
+    if box_source not in BOX_SOURCES:
+        raise DatasetError(f"unknown box source {box_source!r} for image {image_id!r}", where="manifest_row",
+                           fix=f"use one of {', '.join(BOX_SOURCES)}")
     return {
         "image_id": image_id,
         "split": split,
@@ -198,6 +235,7 @@ def manifest_row(
         "bbox_y0": float(bbox[1]),
         "bbox_x1": float(bbox[2]),
         "bbox_y1": float(bbox[3]),
+        "box_source": box_source,
         "landmarks": lm.reshape(-1).tolist(),
         "visible": np.asarray(visible, dtype=bool).tolist(),
         "yaw": float(yaw),

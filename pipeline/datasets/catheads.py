@@ -90,5 +90,5 @@ class CatHeadsLoader(DatasetLoader):
                 continue
             rows.append(manifest_row(image_id=key, split=split, path=str(image.absolute()), width=width,
                                      height=height, landmarks=points, visible=in_frame(points, width, height),
-                                     bbox=expand_box(points, CAT_GROW)))
+                                     bbox=expand_box(points, CAT_GROW), box_source="landmarks"))
         return frame(rows)

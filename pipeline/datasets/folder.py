@@ -68,5 +68,5 @@ class FolderLoader(DatasetLoader):
                 continue
             rows.append(manifest_row(image_id=key, split=split, path=str(image.absolute()), width=width,
                                      height=height, landmarks=np.zeros((0, 2), np.float32),
-                                     bbox=unlabelled_box(width, height)))
+                                     bbox=unlabelled_box(width, height), box_source="image"))
         return frame(rows)

@@ -101,7 +101,7 @@ class MAFLLoader(DatasetLoader):
                 continue
             rows.append(manifest_row(image_id=name, split=split, path=str(image.absolute()), width=width,
                                      height=height, landmarks=points, visible=in_frame(points, width, height),
-                                     bbox=expand_box(points, FACE5_GROW)))
+                                     bbox=expand_box(points, FACE5_GROW), box_source="landmarks"))
         return frame(rows)
 
 

@@ -98,7 +98,7 @@ def read_mtfl_file(
             continue
         row = manifest_row(
             image_id=key, split=split, path=str(image.absolute()), width=width, height=height,
-            landmarks=points, visible=in_frame(points, width, height), bbox=expand_box(points, FACE5_GROW),
+            landmarks=points, visible=in_frame(points, width, height), bbox=expand_box(points, FACE5_GROW), box_source="landmarks",
             pose_class=int(attrs[3]) - 1,
         )
         row.update(gender=int(attrs[0]), smile=int(attrs[1]) == 1, glasses=int(attrs[2]) == 1)

@@ -112,7 +112,7 @@ def face68_row(image: Path, root: Path, split: str, points: np.ndarray, width: i
     yaw = float(estimate_yaw_68(points)[0])
     return manifest_row(image_id=relative_key(image, root), split=split, path=str(image.absolute()),
                         width=width, height=height, landmarks=points, visible=in_frame(points, width, height),
-                        bbox=expand_box(points, FACE68_GROW), yaw=yaw if math.isfinite(yaw) else math.nan)
+                        bbox=expand_box(points, FACE68_GROW), box_source="landmarks", yaw=yaw if math.isfinite(yaw) else math.nan)
 
 
 def estimate_yaw_68(points: np.ndarray) -> np.ndarray:
