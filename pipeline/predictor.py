@@ -10,14 +10,16 @@
 A :class:`LandmarkPredictor` bundles everything that turns an image into the
 method's landmarks:
 
-* the backbone reference: how to load it (``shipped``, a folder, a hub id) and
-  its identity (weights hash, scheduler, ...); a backbone whose identity differs
-  is refused, because the method's centroids / heads only mean something on
-  the features they were trained on;
-* the feature recipe: the :class:`FeatureSpec` (crop size, margin, timesteps,
-  noise seed), the layers, and the fixed random projections of the store;
-* the method: ZeroShot's centroids, or D-ULD's heads + the centroids of their
-  last evaluation; and its RoI rule.
+* the backbone reference: how to load it (``shipped``, a folder, a hub id),
+  its identity (weights hash, scheduler, ...) and its use (the features, the
+  UNet StableKeypoints reads attention from, or only the training); a backbone
+  whose identity differs is refused, because the method's centroids / heads /
+  tokens only mean something on the backbone they were trained on;
+* the crop rule (:class:`CropRule`: crop size and margin) and, for the methods
+  that read features, the feature recipe: the :class:`FeatureSpec` (crop size,
+  margin, timesteps, noise seed), the layers, and the fixed random projections
+  of the store;
+* the method's part (:class:`MethodPart`, below): its weights, RoI rule and read-out.
 
 Features of new images are computed on the fly, exactly as the feature store
 computes them (``flows.features.compute_shard``): the same crop, the same
