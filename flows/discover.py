@@ -298,7 +298,10 @@ def consistency_check(
     if warp:
         warped, p_warped = arrays("w")
         err, count = warp_consistency(orig, p_orig, warped, p_warped, matrices, sizes)
-        out = out.assign(warp_error=err, n_warp=count)
+        # The reference: the error of landmarks that stay put (how far the inverse warp moves them).
+        # A warp error above it means the landmarks jump further than the image moved.
+        motion, _ = warp_consistency(orig, p_orig & p_warped, orig, p_orig & p_warped, matrices, sizes)
+        out = out.assign(warp_error=err, warp_motion=motion, n_warp=count)
     # The noise floor: the run's own landmarks of the same images (the feature store's noise) against
     # the predictor's (a new image's noise). An error near it is as good as the features allow.
     run_pts = np.full((n, K, 2), np.nan)
@@ -312,8 +315,8 @@ def consistency_check(
 
 
 def _write_consistency_metrics(home: Path, run_id: str, dataset: str, method: str, check: pd.DataFrame) -> None:
-    """The check's rows in the run's metrics table: overall ``flip_error`` / ``warp_error`` (weighted by the
-    images that count) and ``renoise_error``, and per landmark ``*_lm<k>``."""
+    """The check's rows in the run's metrics table: overall ``flip_error`` / ``warp_error`` / ``warp_motion``
+    (weighted by the images that count) and ``renoise_error``, and per landmark ``*_lm<k>``."""
     from flows.results import read_keypoints, write_metrics
 
     kp = read_keypoints(home, run_id)
@@ -332,11 +335,13 @@ def _write_consistency_metrics(home: Path, run_id: str, dataset: str, method: st
         rows.append({**base, "metric": FLIP_STAGE_METRIC, "value": overall(check["flip_error"], check["n_pairs"])})
     if "warp_error" in check:
         rows.append({**base, "metric": WARP_STAGE_METRIC, "value": overall(check["warp_error"], check["n_warp"])})
+        rows.append({**base, "metric": "warp_motion", "value": overall(check["warp_motion"], check["n_warp"])})
     floor = check["renoise_error"].to_numpy(np.float64)
     rows.append({**base, "metric": "renoise_error", "value": float(np.nanmean(floor)) if np.isfinite(floor).any() else float("nan")})
     for r in check.to_dict("records"):
         k = int(r["landmark_id"])
-        for column, metric in (("flip_error", "flip_error"), ("partner", "flip_partner"), ("warp_error", "warp_error"), ("renoise_error", "renoise_error")):
+        for column, metric in (("flip_error", "flip_error"), ("partner", "flip_partner"), ("warp_error", "warp_error"),
+                               ("warp_motion", "warp_motion"), ("renoise_error", "renoise_error")):
             if column in r:
                 rows.append({**base, "metric": f"{metric}_lm{k}", "value": float(r[column])})
     write_metrics(home, run_id, rows)

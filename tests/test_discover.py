@@ -168,10 +168,12 @@ def test_discover_zeroshot_on_a_folder_writes_landmarks_overlays_and_a_report(fo
     assert {"flip_error", "warp_error", "renoise_error", "silhouette"} <= set(m["metric"])
     assert {f"warp_error_lm{k}" for k in range(K)} <= set(m["metric"])
     warp = m[m["metric"] == "warp_error"]["value"].iloc[-1]
-    assert np.isfinite(warp) and 0 <= warp < 100
+    motion = m[m["metric"] == "warp_motion"]["value"].iloc[-1]
+    assert np.isfinite(warp) and 0 <= warp < 100 and 0 < motion < 10  # a small warp: a few % of the image
     assert not m["metric"].str.startswith("nme_").any()  # no labels, no NME
     page = (run / "report.html").read_text()
     assert "Consistency under a horizontal flip and small affine warps" in page and "noise floor" in page and "mean warp error" in page
+    assert "warp_motion" in page
     assert page.count("data:image/png;base64,") >= 3
     # the folder's boxes are recorded as the whole image
     from flows.datasets import load_manifest
