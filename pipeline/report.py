@@ -59,6 +59,7 @@ class ReportData:
     feature_note: str = ""
     images: list[tuple[str, bytes]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    pose_clusters: pd.DataFrame | None = None  # D-ULD++'s pose analysis (table kind pose_clusters), if the run has one
 
 
 # ------------------------------------------------------------ tables
@@ -119,6 +120,16 @@ def quality_table(metrics: pd.DataFrame) -> pd.DataFrame:
     return m[["method", "stage", "round", "split", "metric", "value"]].reset_index(drop=True)
 
 
+def pose_cluster_table(pose: pd.DataFrame) -> pd.DataFrame:
+    """One line per (stage, round, split) of a ``pose_clusters`` table: clustering accuracy per pose bin and overall."""
+    if pose is None or pose.empty:
+        return pd.DataFrame()
+    order = pose[["bin_index", "bin"]].drop_duplicates()
+    bins = order.assign(at=order["bin_index"].where(order["bin_index"] >= 0, 10**6)).sort_values("at")["bin"].tolist()  # overall (-1) last
+    piv = pose.pivot_table(index=["round", "stage", "split"], columns="bin", values="accuracy", aggfunc="first").reset_index()
+    return piv[["stage", "round", "split", *[b for b in bins if b in piv.columns]]].sort_values(["round", "split"]).reset_index(drop=True)
+
+
 def presence_table(keypoints: pd.DataFrame, split: str | None = None) -> pd.DataFrame:
     """Per discovered landmark of the run's last round (on ``split``, default every image): share of
     images where it is present, and where it is a fallback (filled in, not detected). Needs no labels."""
@@ -143,7 +154,7 @@ def flip_table(metrics: pd.DataFrame) -> pd.DataFrame:
     m = _mean_rows(metrics)
     rows: dict[int, dict[str, Any]] = {}
     for r in m.itertuples(index=False):
-        hit = re.match(r"^(flip_error|flip_partner|warp_error|renoise_error)_lm(\d+)$", str(r.metric))
+        hit = re.match(r"^(flip_error|flip_partner|warp_error|warp_motion|renoise_error)_lm(\d+)$", str(r.metric))
         if hit:
             rows.setdefault(int(hit[2]), {"landmark_id": int(hit[2])})[hit[1]] = r.value
     if not rows:
@@ -151,7 +162,7 @@ def flip_table(metrics: pd.DataFrame) -> pd.DataFrame:
     table = pd.DataFrame([rows[k] for k in sorted(rows)])
     if "flip_partner" in table.columns:
         table["flip_partner"] = table["flip_partner"].astype(int)
-    return table[[c for c in ("landmark_id", "flip_partner", "flip_error", "warp_error", "renoise_error") if c in table.columns]]
+    return table[[c for c in ("landmark_id", "flip_partner", "flip_error", "warp_error", "warp_motion", "renoise_error") if c in table.columns]]
 
 
 def _html_table(frame: pd.DataFrame, css: str = "") -> str:
@@ -363,10 +374,13 @@ def render_html(data: ReportData) -> str:
         mean = _mean_rows(metrics)
         overall = mean.loc[mean["metric"] == "flip_error", "value"]
         warped = mean.loc[mean["metric"] == "warp_error", "value"]
+        motion = mean.loc[mean["metric"] == "warp_motion", "value"]
         floor = mean.loc[mean["metric"] == "renoise_error", "value"]
         what = " and ".join(w for w, have in (("a horizontal flip", "flip_error" in flips), ("small affine warps", "warp_error" in flips)) if have)
         parts.append(f"<h2>Consistency under {what} (no labels needed)</h2>")
         means = [f"mean {name} error: <b>{html.escape(fmt(v.iloc[-1]))}</b> %" for name, v in (("flip", overall), ("warp", warped)) if len(v)]
+        if len(motion):
+            means.append(f"the warp moved the landmarks by {html.escape(fmt(motion.iloc[-1]))} %")
         if means:
             parts.append("<p>" + "; ".join(means) + " of sqrt(w*h) of the object box"
                          + (f"; noise floor (same images, other diffusion noise): {html.escape(fmt(floor.iloc[-1]))} %" if len(floor) else "")
@@ -375,7 +389,8 @@ def render_html(data: ReportData) -> str:
                      "warp of the image (rotation, scale, shift; warp), mapped back, against the "
                      "original's; flip_partner is the landmark a landmark becomes when mirrored (a left-eye landmark "
                      "should become the right-eye one), found by Hungarian matching; renoise_error: how far the landmark moves when the same image is "
-                     "encoded with other diffusion noise (the floor a flip or warp error can reach with these features).</p>")
+                     "encoded with other diffusion noise (the floor a flip or warp error can reach with these features); warp_motion: "
+                     "how far the warp moved the landmark (the warp error of a landmark that stays put).</p>")
     presence = presence_table(data.keypoints) if data.keypoints is not None and not data.keypoints.empty else pd.DataFrame()
     if not presence.empty:
         parts.append("<h2>Landmark presence per discovered landmark (every image, last round)</h2>" + _html_table(presence))
@@ -388,6 +403,13 @@ def render_html(data: ReportData) -> str:
     plots = [(c, p) for c, p in plots if p is not None]
     if plots:
         parts.append("<h2>Plots</h2><div class='figs'>" + "".join(_img(c, p) for c, p in plots) + "</div>")
+    pose = pose_cluster_table(data.pose_clusters) if data.pose_clusters is not None else pd.DataFrame()
+    if not pose.empty:
+        src = str(data.pose_clusters["pose_source"].iloc[0])
+        parts.append("<h2>Pose clusters against known poses (paper 001, Fig. 7)</h2>" + _html_table(pose)
+                     + f"<p class='note'>Each of the Q = {int(data.pose_clusters['q'].iloc[0])} pose clusters mapped to the "
+                     f"{'yaw bin' if src == 'yaw' else 'pose class'} most of its train images are in; accuracy: the share of a bin's "
+                     "images whose cluster maps to it (test images scored with the train mapping). Plot: figures/pose-clusters.png.</p>")
     if data.images:
         sheets = [(c, p) for c, p in data.images if c.endswith("-landmarks.png")]
         overlays = [(c, p) for c, p in data.images if "/overlays/" in c]
