@@ -8,12 +8,15 @@ Paper 001's Table 2 is incremental: ZeroShot, D-ULD, + the pose-guided proxy tas
 + two-stage clustering trained with the full VAE, + TSC with Eq. 3 (= D-ULD++). Here the "+ PP"
 and "+ TSC (D-ULD++)" rows are two stages of one D-ULD++ run (its proxy stage's evaluation,
 then its last TSC round), whose D-ULD rounds are as many as the D-ULD row's run has, so each
-row adds one thing to the row above. ZeroShot is shown twice (the paper's plain K-means and
+row adds one thing to the row above. "+ TSC w/ full VAE" is a second D-ULD++ run with the same
+settings and seed whose TSC rounds train the whole VAE with the ELBO instead of Eq. 3
+(``tsc_loss = "elbo"``): up to its proxy stage it is the D-ULD++ run, step for step. ZeroShot is shown twice (the paper's plain K-means and
 the project's cluster choice) and Mallis (D) is added as in the paper's Table 1.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +24,13 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import StoreError
+from pipeline.evaluation import yaw_bin_labels
 
 # What the table reports per row: paper protocol, test split (flows.results.evaluate_keypoints).
 METRICS = ("nme_forward", "nme_backward", "acc0.2_hungarian")
+# Plus, where the dataset has yaw (synthetic heads, LS3D), the evaluator's NME per yaw bin
+# (``nme_<direction>_yaw<bin>``, pipeline.evaluation.nme_by_yaw): Fig. 3b's view of each row.
+YAW_METRIC = re.compile(r"^nme_(forward|backward)_yaw(.+)$")
 LAST, BEST = "last", "best"
 
 
@@ -38,19 +45,12 @@ class AblationRow:
     stages: tuple[str, ...]
     not_run: str = ""  # why the row has no run (the table lists it with this reason)
 
-
-# The paper's "+ TSC w/ full VAE" row trains the TSC rounds with the VAE decoder and its ELBO
-# instead of Eq. 3. The engine's TSC rounds always take ``latent_step`` (decoder dropped), so the
-# row would need a new stage variant in flows/duldpp_stages.py: listed, not run.
-FULL_VAE_REASON = ("not run: the engine's TSC rounds always train with Eq. 3 (latent_step, decoder dropped); "
-                   "TSC with the full VAE + ELBO needs a stage variant the engine does not have")
-
 ROWS: tuple[AblationRow, ...] = (
     AblationRow("ZeroShot (paper: K-means into K)", "zeroshot-paper", "zeroshot", ("zeroshot",)),
     AblationRow("ZeroShot (K of 4K clusters, project default)", "zeroshot", "zeroshot", ("zeroshot",)),
     AblationRow("D-ULD", "duld", "duld", ("bootstrap", "round")),
     AblationRow("D-ULD + PP (pose proxy)", "duldpp", "duld++", ("proxy",)),
-    AblationRow("+ TSC w/ full VAE", "", "duld++", (), not_run=FULL_VAE_REASON),
+    AblationRow("+ TSC w/ full VAE", "duldpp-fullvae", "duld++", ("duldpp",)),
     AblationRow("+ TSC (D-ULD++)", "duldpp", "duld++", ("duldpp",)),
     AblationRow("Mallis (D)", "mallis-d", "mallis-d", ("bootstrap", "round")),
 )
@@ -65,14 +65,15 @@ def _test_rows(home: Path, run_id: str, method: str, evaluation: dict) -> pd.Dat
     from flows.results import metrics_table
 
     m = metrics_table(home, run_id)
-    keep = (m["method"] == method) & (m["split"] == "test") & m["metric"].isin(METRICS)
+    keep = (m["method"] == method) & (m["split"] == "test") & (m["metric"].isin(METRICS) | m["metric"].str.match(YAW_METRIC.pattern))
     keep &= (m["protocol"] == evaluation.get("protocol", "paper")) & (m["box"] == evaluation.get("box", "landmarks"))
     return m[keep]
 
 
 def row_values(home: str | Path, run_id: str, row: AblationRow, evaluation: dict | None = None) -> list[dict]:
     """The ``last`` and ``best`` (lowest test forward NME; chosen on the test split, so optimistic)
-    round of ``row``'s stages in run ``run_id``: one dict per (pick, metric)."""
+    round of ``row``'s stages in run ``run_id``: one dict per (pick, metric), the metrics being
+    :data:`METRICS` and the per-yaw-bin NMEs the run has (:data:`YAW_METRIC`)."""
     m = _test_rows(Path(home), run_id, row.method, dict(evaluation or {}))
     m = m[m["stage"].isin(row.stages)]
     if m.empty:
@@ -83,9 +84,10 @@ def row_values(home: str | Path, run_id: str, row: AblationRow, evaluation: dict
     last = piv.loc[piv["round"].idxmax()]
     fwd = piv["nme_forward"] if "nme_forward" in piv else pd.Series(np.nan, index=piv.index)
     best = piv.loc[fwd.idxmin()] if fwd.notna().any() else last
+    names = list(METRICS) + [c for c in piv.columns if YAW_METRIC.match(str(c))]
     out = []
     for pick, rec in ((LAST, last), (BEST, best)):
-        for metric in METRICS:
+        for metric in names:
             out.append({"pick": pick, "stage": str(rec["stage"]), "round": int(rec["round"]), "metric": metric,
                         "value": float(rec[metric]) if metric in rec and pd.notna(rec[metric]) else float("nan")})
     return out
@@ -138,4 +140,32 @@ def render_markdown(frame: pd.DataFrame, title: str, notes: list[str] | None = N
 
         lines.append(f"| {row.label} | {cell(last, 'nme_forward')} | {cell(last, 'nme_backward')} | {cell(last, 'acc0.2_hungarian', 3)} | "
                      f"{cell(best, 'nme_forward')} | {cell(best, 'nme_backward')} | {rounds(last)} / {rounds(best)} | {sub['seed'].nunique()} |")
+    lines += yaw_tables(frame)
     return "\n".join(lines) + "\n"
+
+
+def yaw_bins(frame: pd.DataFrame) -> list[str]:
+    """The yaw bins the frame has NME for, in yaw order (the evaluator's bins first, any others after)."""
+    found = {m.group(2) for m in (YAW_METRIC.match(str(x)) for x in frame["metric"].unique()) if m}
+    known = [b for b in yaw_bin_labels() if b in found]
+    return known + sorted(found - set(known))
+
+
+def yaw_tables(frame: pd.DataFrame) -> list[str]:
+    """Markdown lines: forward and backward NME per yaw bin of each row's last round (mean +- std
+    over seeds); none when no run has yaw (e.g. MTFL, whose poses are classes, not angles)."""
+    bins = yaw_bins(frame)
+    if not bins:
+        return []
+    last = frame[frame["pick"] == LAST]
+    out: list[str] = []
+    for direction in ("forward", "backward"):
+        out += ["", f"{direction.capitalize()} NME per yaw bin (degrees; test split, last round):", "",
+                "| row | " + " | ".join(bins) + " |", "|---|" + "---|" * len(bins)]
+        for row in ROWS:
+            sub = last[last["row"] == row.label]
+            if row.not_run:
+                out.append(f"| {row.label} | " + " | ".join("" for _ in bins) + " |")
+                continue
+            out.append(f"| {row.label} | " + " | ".join(_mean_std(sub.loc[sub["metric"] == f"nme_{direction}_yaw{b}", "value"], 2) for b in bins) + " |")
+    return out

@@ -46,7 +46,7 @@ from pipeline.settings import Settings
 METHOD_MODULES: tuple[str, ...] = ("flows.cli_condgen", "flows.cli_stablekeypoints")
 
 # Options of `uld train` that only some methods read; their default is None ("not given").
-METHOD_ONLY_OPTIONS = ("m", "steps", "q", "proxy_steps", "duld_rounds")
+METHOD_ONLY_OPTIONS = ("m", "steps", "q", "proxy_steps", "duld_rounds", "tsc_loss")
 
 Runner = Callable[["TrainRequest"], Any]
 
@@ -166,6 +166,7 @@ def train_cmd(
     q: Optional[int] = typer.Option(None, "--q", help="duld++: pose clusters Q of the two-stage clustering (default 5; paper: 10)."),
     proxy_steps: Optional[int] = typer.Option(None, "--proxy-steps", help="duld++: steps of the pose-guided proxy task stage (default: --steps-per-round; paper: 50k)."),
     duld_rounds: Optional[int] = typer.Option(None, "--duld-rounds", help="duld++: D-ULD rounds before the proxy stage (default 2); --rounds then counts the D-ULD++ (TSC) rounds."),
+    tsc_loss: Optional[str] = typer.Option(None, "--tsc-loss", help="duld++: the TSC rounds' VAE loss, eq3 (default: Eq. 3 on the encoder, decoder dropped) or elbo (the full VAE with its ELBO: the paper's Table 2 ablation)."),
     rounds: int = typer.Option(3, "--rounds", help="Self-training rounds (each: keypoints -> pseudo-labels -> training -> evaluation)."),
     steps_per_round: int = typer.Option(150, "--steps-per-round", help="Optimisation steps per round (paper: 5000; re-cluster after each round)."),
     bootstrap_steps: int = typer.Option(300, "--bootstrap-steps", help="Self-supervised bootstrapping steps before round 1 (paper: 50000)."),
@@ -264,4 +265,4 @@ register_method("mallis-d", "Mallis (D) (paper 001, Table 1): the same engine, K
                 own_options=("m",))(run_feature_heads)
 register_method("duld++", "D-ULD++ (paper 001, Sec 3.3): the engine's D-ULD rounds (--duld-rounds), a pose-guided proxy task "
                 "(pose VAE + ELBO, --proxy-steps), then --rounds rounds of two-stage clustering (--q pose clusters x K) with Eq. 3.",
-                own_options=("q", "proxy_steps", "duld_rounds"))(run_feature_heads)
+                own_options=("q", "proxy_steps", "duld_rounds", "tsc_loss"))(run_feature_heads)

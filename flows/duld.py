@@ -119,8 +119,11 @@ METHOD_TITLES = {"duld": "D-ULD", "mallis-d": "Mallis (D)", "duld++": "D-ULD++"}
 
 
 def duldpp_settings(params: dict, steps_per_round: int) -> dict:
-    """D-ULD++'s schedule and step settings from the method params (``q``, ``proxy_steps``, ``duld_rounds``;
-    CPU-sized defaults: Q = 5, the proxy stage as long as a round, 2 D-ULD rounds). Recorded in config.json."""
+    """D-ULD++'s schedule and step settings from the method params (``q``, ``proxy_steps``, ``duld_rounds``,
+    ``tsc_loss``; CPU-sized defaults: Q = 5, the proxy stage as long as a round, 2 D-ULD rounds, Eq. 3 in the
+    TSC rounds; ``tsc_loss="elbo"`` trains them with the full VAE instead). Recorded in config.json."""
+    from pipeline.methods.duldpp import check_tsc_loss
+
     q = 5 if params.get("q") is None else int(params["q"])
     proxy = int(steps_per_round) if params.get("proxy_steps") is None else int(params["proxy_steps"])
     rounds = 2 if params.get("duld_rounds") is None else int(params["duld_rounds"])
@@ -128,7 +131,12 @@ def duldpp_settings(params: dict, steps_per_round: int) -> dict:
         raise ConfigError(f"--q must be >= 1, got {q}", where="--q")
     if proxy < 0 or rounds < 0:
         raise ConfigError(f"--proxy-steps and --duld-rounds must be >= 0, got {proxy}, {rounds}", where="--proxy-steps / --duld-rounds")
-    return {"q": q, "proxy_steps": proxy, "duld_rounds": rounds}
+    return {"q": q, "proxy_steps": proxy, "duld_rounds": rounds, "tsc_loss": check_tsc_loss(params.get("tsc_loss"))}
+
+
+# Settings recorded in config.json's ``duldpp`` after runs without them were made, with the value
+# those runs used (their TSC rounds all trained with Eq. 3): such a run still resumes.
+DULDPP_ADDED = {"tsc_loss": "eq3"}
 
 
 @dataclass
@@ -489,6 +497,8 @@ def resolve_run(home: Path, run_id: str | None, resume: bool, config: dict) -> t
             fix="pass --resume to continue it, or choose a new --run-id",
         )
     old = read_run_config(home, run_id)
+    if isinstance(old.get("duldpp"), dict):
+        old = {**old, "duldpp": {**DULDPP_ADDED, **old["duldpp"]}}
     keys = [k for k in _RESUME_KEYS if k != "labeller" or "labeller" in old]
     diff = [k for k in keys if json.loads(json.dumps(old.get(k), default=str)) != json.loads(json.dumps(config.get(k), default=str))]
     if diff:
@@ -648,6 +658,10 @@ def duld(
         name = f"round-{r}" if ctx.stage_of(r)[0] == ROUND else f"{ctx.stage_of(r)[0]}-{r}"
         round_flow.with_options(name=name, flow_run_name=name)(ctx, r)
     title = METHOD_TITLES.get(method, method)
+    if method == "duld++":
+        from flows.duldpp_stages import ensure_pose_analysis
+
+        ensure_pose_analysis(home, run_id, store)  # Fig. 7's pose analysis of stages that lack it (runs made before it existed)
     print(f"{title} run {run_id} finished in {time.perf_counter() - t0:.0f} s")
     last = completed_rounds(ctx, total)
     if last >= 0:

@@ -78,6 +78,9 @@ def collect(run_dir: Path) -> ReportData:
     else:
         data.feature_note = "the run's config names no feature store"
     data.images = _figures(run_dir)
+    pose = _run_file(run_dir, "pose-clusters.parquet")  # D-ULD++ runs (flows.duldpp_stages)
+    if pose.is_file():
+        data.pose_clusters = read_table(pose, "pose_clusters")
     return data
 
 

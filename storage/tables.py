@@ -151,6 +151,27 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("box", pa.string()),
         ]
     ),
+    # D-ULD++'s pose clusters against known poses (paper 001, Fig. 7; flows.duldpp_stages), one row per
+    # (run, stage, round, split, bin) and one overall row per split (bin_index -1, bin "overall"):
+    # each of the Q pose clusters is mapped to the pose bin most of its *train* images are in, and
+    # ``accuracy`` = n_correct / n_images is the share of the bin's images whose cluster maps to it;
+    # ``clusters`` the pose clusters mapped to the bin; ``pose_source`` "yaw" (binned angles) or
+    # "pose_class" (a dataset's annotated classes, e.g. MTFL's five head poses).
+    "pose_clusters": pa.schema(
+        _RUN
+        + [
+            pa.field("dataset", pa.string()),
+            pa.field("split", pa.string()),
+            pa.field("pose_source", pa.string()),
+            pa.field("q", pa.int32()),
+            pa.field("bin_index", pa.int32()),
+            pa.field("bin", pa.string()),
+            pa.field("n_images", pa.int32()),
+            pa.field("n_correct", pa.int32()),
+            pa.field("accuracy", pa.float64()),
+            pa.field("clusters", pa.list_(pa.int32())),
+        ]
+    ),
     # `uld ablation` (flows.ablation): one row per (ablation, table row, seed, pick, metric), long format.
     # ``row`` is the table row's label (e.g. "D-ULD + pose proxy"); ``pick`` = "last" (the method's
     # last round) or "best" (its round with the lowest test forward NME); ``note`` says why a row

@@ -410,3 +410,47 @@ def test_pose_codes_one_per_image_and_deterministic():
     rows, codes = pose_codes(heads, vae, [batch, {**batch, "index": batch["index"] + 10}])
     assert rows.tolist() == [0, 1, 2, 3, 10, 11, 12, 13] and codes.shape == (8, 64)
     np.testing.assert_array_equal(codes[:4], codes[4:])
+
+
+def test_full_vae_step_trains_detector_and_whole_vae_and_the_elbo_falls():
+    from pipeline.methods.duldpp import full_vae_step
+
+    heads, vae, batch, coords, present, pose, cfg = _tiny_step_setup(B=6, q=2)
+    cfg = DULDPPConfig(duld=cfg.duld, q=2, latent_lr=1e-2)  # tiny problem: a large step to see the ELBO move in 20 steps
+    opt = make_duldpp_optimizer(heads, vae, "full-vae", cfg)
+    assert opt.param_groups[0]["lr"] == 1e-2  # step 2's rate, as with Eq. 3
+    before_desc, before_dec = _snapshot(heads.descriptor), [p.detach().clone() for p in vae.decoder_parameters()]
+    before_det = _snapshot(heads.detector)
+    g = torch.Generator().manual_seed(0)
+    elbo = []
+    for _ in range(20):
+        losses = full_vae_step(heads, vae, batch, coords, present, pose, cfg, g)
+        assert set(losses) == {"loss", "detector", "elbo", "reconstruction", "kl"}
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+        elbo.append(losses["elbo"].item())
+    assert not _changed(before_desc, heads.descriptor)  # the descriptor head stays frozen, as in latent_step
+    assert _changed(before_det, heads.detector)
+    assert any(not torch.equal(a, b) for a, b in zip(before_dec, vae.decoder_parameters()))  # the decoder is kept and trained
+    assert elbo[-1] < 0.5 * elbo[0], elbo
+
+
+def test_full_vae_step_differs_from_latent_step_only_in_the_vae_loss():
+    from pipeline.methods.duldpp import full_vae_step
+
+    heads, vae, batch, coords, present, pose, cfg = _tiny_step_setup(B=6, q=2)
+    a = latent_step(heads, vae, batch, coords, present, pose, cfg, torch.Generator().manual_seed(0))
+    b = full_vae_step(heads, vae, batch, coords, present, pose, cfg, torch.Generator().manual_seed(0))
+    assert torch.equal(a["detector"], b["detector"])  # same labels, same detector term
+    torch.testing.assert_close(b["loss"], cfg.duld.detector_weight * b["detector"] + cfg.elbo_weight * b["elbo"])
+    with pytest.raises(ConfigError):  # the pose labels are still checked against Q
+        full_vae_step(heads, vae, batch, coords, present, pose + 5, cfg, torch.Generator())
+
+
+def test_tsc_loss_names():
+    from pipeline.methods.duldpp import check_tsc_loss, full_vae_step, tsc_step
+
+    assert check_tsc_loss(None) == "eq3" and tsc_step("eq3") is latent_step and tsc_step("elbo") is full_vae_step
+    with pytest.raises(ConfigError, match="unknown TSC loss"):
+        check_tsc_loss("mse")

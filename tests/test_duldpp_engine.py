@@ -60,7 +60,7 @@ def test_duldpp_cli_runs_the_schedule_and_writes_pose_columns(runs):
     assert "duld++ per-round NME" in res.output
     run = Workspace(runs.home).run_dir("duldpp-cli")
     config = json.loads((run / "config.json").read_text())
-    assert config["method"] == "duld++" and config["duldpp"] == {"q": Q, "proxy_steps": 2, "duld_rounds": 1}
+    assert config["method"] == "duld++" and config["duldpp"] == {"q": Q, "proxy_steps": 2, "duld_rounds": 1, "tsc_loss": "eq3"}
     for stage in STAGES:
         assert (run / "checkpoints" / stage / "state.json").is_file(), stage
     for stage in STAGES[2:]:
@@ -94,6 +94,28 @@ def test_duldpp_cli_runs_the_schedule_and_writes_pose_columns(runs):
     tl = pd.read_parquet(run / "train-log.parquet")
     assert {"elbo", "reconstruction", "kl"} <= set(tl.loc[tl["stage"] == "proxy"].dropna(axis=1).columns)
     assert "latent" in tl.loc[tl["stage"] == "duldpp"].dropna(axis=1).columns
+
+    # Fig. 7's pose analysis: every proxy / TSC evaluation, both splits, 5 yaw bins + overall
+    pose = read_table(run / "pose-clusters.parquet", "pose_clusters")
+    assert sorted(pose["round"].unique()) == [2, 3, 4] and set(pose["split"]) == {"train", "test"}
+    assert set(pose["pose_source"]) == {"yaw"} and set(pose["q"]) == {Q}
+    assert pose.groupby(["round", "split"]).size().eq(6).all()
+    overall = pose[pose["bin_index"] == -1]
+    per_bin = pose[pose["bin_index"] >= 0].groupby(["round", "split"])[["n_images", "n_correct"]].sum()
+    np.testing.assert_array_equal(per_bin.to_numpy(), overall.set_index(["round", "split"]).loc[per_bin.index, ["n_images", "n_correct"]].to_numpy())
+    assert overall.set_index(["round", "split"]).loc[(3, "train"), "n_images"] == 24  # every tiny train head has a yaw
+    assert overall["accuracy"].between(0, 1).all()
+    # the train mapping is the majority bin of each cluster: at least one image per cluster that has any is right
+    tr = overall[overall["split"] == "train"]
+    assert (tr["n_correct"] >= tr["clusters"].map(len)).all()
+    assert (run / "figures" / "pose-clusters.png").read_bytes()[:4] == b"\x89PNG"
+    # `uld report` shows it: the table and the figure
+    from flows.report import write_report
+
+    page = write_report(run).read_text()
+    assert "Pose clusters against known poses" in page and "figures/pose-clusters.png" in page
+    section = page.split("Pose clusters against known poses", 1)[1]
+    assert section.index("[-90,-54)") < section.index("[54,90]") < section.index("overall")
 
 
 def test_duldpp_resumes_after_a_crash_in_any_stage_like_an_uninterrupted_run(runs, monkeypatch):
@@ -157,12 +179,114 @@ def test_duldpp_resumes_after_a_crash_in_any_stage_like_an_uninterrupted_run(run
         _duld(runs, "duldpp-crash", resume=True, method_params={**PARAMS, "q": Q + 1})
 
 
+def _vae_part(run, stage: str, part: str) -> dict[str, np.ndarray]:
+    from safetensors.torch import load_file
+
+    return {k: v.numpy() for k, v in load_file(str(run / "checkpoints" / stage / "vae.safetensors")).items() if k.startswith(part)}
+
+
+def test_full_vae_variant_trains_the_decoder_and_resumes_bit_identically(runs, monkeypatch):
+    """Table 2's "+ TSC w/ full VAE": the TSC rounds train the whole VAE with the ELBO; everything before them is D-ULD++'s."""
+    import flows.duldpp_stages as stages
+    from pipeline.errors import ConfigError
+    from storage.layout import Workspace
+    from storage.tables import read_table
+
+    params = {**PARAMS, "tsc_loss": "elbo"}
+    _duld(runs, "fullvae-full", method_params=params)
+    _duld(runs, "fullvae-eq3")  # the same run with Eq. 3 (D-ULD++)
+    full, eq3 = (Workspace(runs.home).run_dir(r) for r in ("fullvae-full", "fullvae-eq3"))
+    assert json.loads((full / "config.json").read_text())["duldpp"]["tsc_loss"] == "elbo"
+    # up to the proxy stage both runs are one computation
+    a, b = _checkpoint_arrays(full, "proxy-002"), _checkpoint_arrays(eq3, "proxy-002")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=f"proxy-002: {name}")
+    # Eq. 3 leaves the decoder as the proxy stage left it; the full-VAE variant trains it
+    for run, trained in ((eq3, False), (full, True)):
+        before, after = _vae_part(run, "proxy-002", "decoder"), _vae_part(run, "duldpp-004", "decoder")
+        assert any(not np.array_equal(before[k], after[k]) for k in before) == trained, run.name
+    import pandas as pd
+
+    tl = pd.read_parquet(full / "train-log.parquet")
+    tsc_log = tl[tl["stage"] == "duldpp"].dropna(axis=1)
+    assert {"elbo", "reconstruction", "kl", "detector"} <= set(tsc_log.columns) and "latent" not in tsc_log.columns
+    assert np.isfinite(tsc_log["elbo"]).all() and len(tsc_log) == 2 * 2
+
+    # interrupted after the first TSC round, then a crash in the second one's evaluation
+    _duld(runs, "fullvae-crash", method_params=params, max_rounds=3)
+    crash = Workspace(runs.home).run_dir("fullvae-crash")
+    real_eval = stages.evaluate_tsc_task
+
+    def eval_crash_in_round_4(ctx, round_, *a):
+        if round_ == 4:
+            raise RuntimeError("simulated crash in a full-VAE TSC round")
+        return real_eval(ctx, round_, *a)
+
+    monkeypatch.setattr(stages, "evaluate_tsc_task", eval_crash_in_round_4)
+    with pytest.raises(RuntimeError, match="full-VAE"):
+        _duld(runs, "fullvae-crash", method_params=params, resume=True)
+    monkeypatch.setattr(stages, "evaluate_tsc_task", real_eval)
+    _duld(runs, "fullvae-crash", method_params=params, resume=True)
+    for stage in STAGES[2:]:
+        a, b = _checkpoint_arrays(full, stage), _checkpoint_arrays(crash, stage)
+        assert a.keys() == b.keys()
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=f"{stage}: {name}")
+    import torch
+
+    oa = torch.load(full / "checkpoints" / "duldpp-004" / "optimizer.pt", weights_only=True)
+    ob = torch.load(crash / "checkpoints" / "duldpp-004" / "optimizer.pt", weights_only=True)
+    assert oa["state"].keys() == ob["state"].keys()
+    assert all(torch.equal(oa["state"][i]["exp_avg"], ob["state"][i]["exp_avg"]) for i in oa["state"])
+    # the variant's Adam holds the decoder too: more parameter tensors than the Eq. 3 run's
+    oe = torch.load(eq3 / "checkpoints" / "duldpp-004" / "optimizer.pt", weights_only=True)
+    assert len(oa["state"]) > len(oe["state"])
+    pa_, pb = (read_table(r / "pose-clusters.parquet", "pose_clusters").sort_values(["round", "split", "bin_index"]).reset_index(drop=True)
+               for r in (full, crash))
+    np.testing.assert_array_equal(pa_["n_correct"].to_numpy(), pb["n_correct"].to_numpy())
+
+    # the loss is part of the resume check
+    with pytest.raises(ConfigError, match="duldpp"):
+        _duld(runs, "fullvae-crash", resume=True, method_params={**params, "tsc_loss": "eq3"})
+    with pytest.raises(ConfigError, match="unknown TSC loss"):
+        _duld(runs, "fullvae-bad", method_params={**params, "tsc_loss": "mse"})
+    assert not Workspace(runs.home).run_dir("fullvae-bad").exists()
+
+
+def test_runs_made_before_the_tsc_loss_was_recorded_still_resume_and_get_the_pose_analysis(runs):
+    from storage.layout import Workspace
+
+    _duld(runs, "duldpp-old", max_rounds=3)
+    run = Workspace(runs.home).run_dir("duldpp-old")
+    cfg = json.loads((run / "config.json").read_text())
+    del cfg["duldpp"]["tsc_loss"]  # as config.json was written before the setting existed
+    (run / "config.json").write_text(json.dumps(cfg))
+    (run / "pose-clusters.parquet").unlink()  # nor was the pose analysis
+    (run / "figures" / "pose-clusters.png").unlink()
+    _duld(runs, "duldpp-old", resume=True)
+    assert (run / "checkpoints" / "duldpp-004" / "state.json").is_file()
+    from storage.tables import read_table
+
+    assert sorted(read_table(run / "pose-clusters.parquet", "pose_clusters")["round"].unique()) == [2, 3, 4]
+    assert (run / "figures" / "pose-clusters.png").is_file()
+
+
 def test_duldpp_only_options_are_refused_for_other_methods(runs):
     from pipeline.errors import ConfigError
 
     res = invoke_cli(runs.home, _register, "train", "--method", "duld", "--dataset", "synthetic", "--store", str(runs.store),
                      "--q", "3", "--no-progress")
     assert isinstance(res.exception, ConfigError) and "--q does not apply" in str(res.exception)
+    res = invoke_cli(runs.home, _register, "train", "--method", "duld", "--dataset", "synthetic", "--store", str(runs.store),
+                     "--tsc-loss", "elbo", "--no-progress")
+    assert isinstance(res.exception, ConfigError) and "--tsc-loss does not apply" in str(res.exception)
+    res = invoke_cli(runs.home, _register, "train", "--method", "duld++", "--dataset", "synthetic", "--store", str(runs.store),
+                     "--backbone", runs.backbone, "--size", str(SIZE), "-k", str(K), "--views", "0", "--tsc-loss", "mse", "--no-progress",
+                     "--run-id", "duldpp-bad-loss")
+    assert isinstance(res.exception, ConfigError) and "unknown TSC loss" in str(res.exception)
+    from storage.layout import Workspace
+
+    assert not Workspace(runs.home).run_dir("duldpp-bad-loss").exists()  # refused before any run folder exists
 
 
 # ------------------------------------------------------------------ the engine's new pipeline pieces (no flows)

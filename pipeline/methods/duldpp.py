@@ -24,6 +24,12 @@ is trained with Eq. 3 (:func:`pipeline.heads.pose_losses.latent_contrastive_loss
 on the codes ``phi_j = Enc(Psi_d(Psi_b(x_j)))`` of the batch, labelled with their
 stage-1 pose cluster ``u_j``. Paper: Adam lr 5e-4.
 
+Step 2 with the full VAE (:func:`full_vae_step`, Sec 5 / Table 2's "+ TSC w/ full VAE"
+row: "we compare it to training the network with the full VAE. The VAE output is
+supervised by the ELBO loss"): the same step 2, except that the decoder is kept and the
+VAE (encoder and decoder) is trained with the ELBO of step 1 instead of Eq. 3. Which of
+the two a run's TSC rounds take is its ``tsc_loss`` (:data:`TSC_LOSSES`).
+
 The D-ULD part reuses :func:`pipeline.methods.duld.self_training_step` (both
 views, the flip rule, the optional matching term): the Q x K label space is
 handed to it as Q * K pseudo-label columns (:meth:`TwoStageLabels.lookup`, or
@@ -48,7 +54,19 @@ from pipeline.heads.pose_losses import elbo_loss, latent_contrastive_loss
 from pipeline.heads.pose_vae import PoseVAE, PoseVAEConfig
 from pipeline.methods.duld import Batch, DULDConfig, self_training_step
 
-Step = Literal["proxy", "latent"]
+Step = Literal["proxy", "latent", "full-vae"]
+# The TSC rounds' loss on the VAE (a run's ``tsc_loss``): Eq. 3 on the encoder (D-ULD++), or the
+# ELBO of the full VAE (the ablation's "+ TSC w/ full VAE"); the name -> the optimiser's step.
+TSC_LOSSES: dict[str, Step] = {"eq3": "latent", "elbo": "full-vae"}
+
+
+def check_tsc_loss(name: str | None) -> str:
+    """``name`` if it is one of :data:`TSC_LOSSES` (None = ``eq3``, the paper's D-ULD++)."""
+    name = "eq3" if name is None else str(name)
+    if name not in TSC_LOSSES:
+        raise ConfigError(f"unknown TSC loss {name!r}", where="--tsc-loss",
+                          fix=f"use one of: {', '.join(TSC_LOSSES)} (eq3: D-ULD++; elbo: the ablation's TSC with the full VAE)")
+    return name
 
 
 @dataclass(frozen=True)
@@ -183,18 +201,54 @@ def latent_step(
     return {"loss": loss, "detector": losses["detector"], "latent": l_lat}
 
 
+def full_vae_step(
+    model: ULDHeads,
+    vae: PoseVAE,
+    batch: Batch,
+    coords: torch.Tensor,
+    present: torch.Tensor,
+    pose: torch.Tensor,
+    config: DULDPPConfig,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Step 2 with the full VAE: detector MSE as in :func:`latent_step` + ``elbo_weight`` * ELBO of the VAE.
+
+    Everything but the VAE's loss is :func:`latent_step`'s (TSC labels, no descriptor or
+    matching term, the descriptor head frozen, the step-2 learning rate); the VAE keeps its
+    decoder and is trained, as in step 1 (:func:`proxy_task_step`), to reconstruct the
+    Gaussian map of the image's K labels from a sampled code of the crop's heatmap, with the
+    same ``elbo_weight`` and ``beta``. The pose labels ``pose`` are only checked: the ELBO
+    does not read them (that is the difference to Eq. 3 the ablation measures).
+    """
+    _check_labels(coords, present, pose, config.q)
+    duld = replace(config.duld, match_weight=0.0)
+    losses, crop = _duld_part(model, batch, coords, present, duld, generator)
+    target = vae.target(crop_to_normalised(coords, model.config.crop_size), present)
+    out = vae(torch.sigmoid(crop.logits), sample=True, generator=generator)
+    elbo = elbo_loss(out.logits, target, out.mu, out.logvar, config.beta)
+    loss = duld.detector_weight * losses["detector"] + config.elbo_weight * elbo.loss
+    return {"loss": loss, "detector": losses["detector"], "elbo": elbo.loss, "reconstruction": elbo.reconstruction, "kl": elbo.kl}
+
+
+def tsc_step(tsc_loss: str) -> "StepFn":
+    """The step function of a run's TSC rounds: :func:`latent_step` (``eq3``) or :func:`full_vae_step` (``elbo``)."""
+    return latent_step if TSC_LOSSES[check_tsc_loss(tsc_loss)] == "latent" else full_vae_step
+
+
 def duldpp_parameters(model: ULDHeads, vae: PoseVAE, step: Step) -> list[nn.Parameter]:
-    """What each step trains: aggregator + detector, never the descriptor head; VAE whole (step 1) or encoder only (step 2)."""
+    """What each step trains: aggregator + detector, never the descriptor head; the VAE whole
+    (step 1, and step 2 with the full VAE) or its encoder only (step 2 with Eq. 3)."""
     heads = [*model.aggregator.parameters(), *model.detector.parameters()]
-    if step == "proxy":
+    if step in ("proxy", "full-vae"):
         return heads + list(vae.parameters())
     if step == "latent":
         return heads + vae.encoder_parameters()
-    raise ConfigError(f"unknown D-ULD++ step {step!r}", where="duldpp_parameters", fix="use 'proxy' or 'latent'")
+    raise ConfigError(f"unknown D-ULD++ step {step!r}", where="duldpp_parameters", fix="use 'proxy', 'latent' or 'full-vae'")
 
 
 def make_duldpp_optimizer(model: ULDHeads, vae: PoseVAE, step: Step, config: DULDPPConfig) -> torch.optim.Optimizer:
-    """Adam (betas 0.9, 0.999) over :func:`duldpp_parameters` at the step's learning rate (Sec 4)."""
+    """Adam (betas 0.9, 0.999) over :func:`duldpp_parameters` at the step's learning rate
+    (Sec 4: 5e-5 for step 1, 5e-4 for step 2 in either variant)."""
     lr = config.proxy_lr if step == "proxy" else config.latent_lr
     return torch.optim.Adam(duldpp_parameters(model, vae, step), lr=lr, betas=(0.9, 0.999))
 
