@@ -538,6 +538,8 @@ def duld(
     views: ViewAugmentConfig | None = ViewAugmentConfig(),
     threshold: float | None = None,
     relative_threshold: float | None = None,
+    nms_radius: int | None = None,
+    top_k: int | None = None,
     device: str = "auto",
     evaluation: dict | None = None,
     method: str = METHOD,
@@ -570,7 +572,7 @@ def duld(
     extracted once into a view store next to the feature store (a subflow,
     resumable; ``backbone`` must be the store's backbone, loaded on ``device``).
     ``None`` warps the cached maps instead (the shortcut, for comparison).
-    ``threshold`` / ``relative_threshold``: the detector gates of
+    ``threshold`` / ``relative_threshold`` / ``nms_radius`` / ``top_k``: the detector gates of
     :func:`pipeline.heads.detector.nms_keypoints` (default: DULDConfig's).
     Writes ``figures/duld-test-landmarks.png``, the last round's landmarks on test crops.
     """
@@ -584,7 +586,8 @@ def duld(
         torch.set_num_threads(max(1, int(threads)))
     if rounds < 0:
         raise ConfigError(f"rounds must be >= 0, got {rounds}", where="--rounds")
-    gates = {name: float(v) for name, v in (("threshold", threshold), ("relative_threshold", relative_threshold)) if v is not None}
+    gates: dict[str, float | int] = {name: float(v) for name, v in (("threshold", threshold), ("relative_threshold", relative_threshold)) if v is not None}
+    gates.update({name: int(v) for name, v in (("nms_radius", nms_radius), ("top_k", top_k)) if v is not None})
     cfg = DULDConfig(k=k, lr=lr, batch_size=batch_size, bootstrap_steps=bootstrap_steps, steps_per_round=steps_per_round, views=views, **gates)
     # A caller that already has the store (the demo, after extracting it) passes its path:
     # finding it from (backbone, spec) means loading and hashing the backbone again.

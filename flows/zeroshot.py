@@ -40,6 +40,9 @@ STAGE = "zeroshot"
 #: Default candidate clusters per landmark (M = 4 K): measured on the synthetic heads'
 #: validation split, bench/results/zeroshot_selection.md.
 CANDIDATES_PER_LANDMARK = 4
+#: Default motion-coherence floor of the cluster choice (0 = spread and presence only); chosen on
+#: the validation parts of the synthetic and MTFL train splits, bench/results/zeroshot_selection.md.
+MIN_COHERENCE = 0.0
 
 
 # ------------------------------------------------------------ helpers (no Prefect)
@@ -125,6 +128,8 @@ def _check_run_config(home: Path, run_id: str, config: dict, force: bool) -> Non
     if path.is_file() and not force:
         old = read_run_config(home, run_id)
         old.pop("run_id", None)
+        if isinstance(old.get("model"), dict):  # runs made before the coherence rule used none
+            old["model"].setdefault("min_coherence", 0.0)
         # Compare as stored: JSON turns tuples (e.g. FeatureSpec.timesteps) into lists.
         new = json.loads(json.dumps(config, default=str))
         # Evaluation settings (protocol, box, regressor sizes) do not change the method's
@@ -259,13 +264,16 @@ def zeroshot(
     roi: str = "box",
     n_candidates: int | None = None,
     min_presence: float = 0.8,
+    min_coherence: float | None = None,
 ) -> str:
     """ZeroShot (001, Sec 3.1) on a cached feature store; returns the run id.
 
     ``n_candidates``: k-means clusters M from which the K most compact ones that are
     present in at least ``min_presence`` of the training images are kept
     (:mod:`pipeline.clustering.selection`); ``None`` = ``CANDIDATES_PER_LANDMARK`` x k,
-    ``k`` = the paper's plain K-means.
+    ``k`` = the paper's plain K-means. ``min_coherence``: prefer clusters whose position
+    follows the other clusters' shared motion at least this much
+    (:func:`pipeline.clustering.selection.motion_coherence`); ``None`` = ``MIN_COHERENCE``.
 
     ``roi``: ``"box"`` samples pixels inside the object box (the paper's RoI);
     ``"foreground"`` also drops the pixels an unsupervised foreground split of
@@ -301,6 +309,7 @@ def zeroshot(
             "max_iter": int(max_iter),
             "n_candidates": int(n_candidates if n_candidates is not None else CANDIDATES_PER_LANDMARK * k),
             "min_presence": float(min_presence),
+            "min_coherence": float(MIN_COHERENCE if min_coherence is None else min_coherence),
         },
         "evaluation": dict(eval_cfg or {}),
     }

@@ -89,7 +89,11 @@ class DULDConfig:
     match_weight: float = 0.5  # keep the bootstrap matching loss during self-training (0 = paper's losses only)
     sigma: float = 1.0  # Gaussian pseudo-label heatmaps, in map cells
     top_k: int = 30  # keypoints per image fed to k-means
-    nms_radius: int = 1
+    # 0 = no suppression: the top_k strongest cells of the RoI are the keypoints, as SiLK's dense
+    # keypoints are (paper 001, Sec 3.2: exemplar assignment leaves K keypoints *per image*). With
+    # radius 1 a smooth 16x16 heatmap has ~5 local maxima per crop, so half the K pseudo-labels were
+    # missing in every image and the detector learned to fire on ~5 parts (bench/results/duld_engine.md).
+    nms_radius: int = 0
     threshold: float = 0.0  # absolute heatmap (sigmoid) floor for keypoints, see nms_keypoints
     relative_threshold: float = 0.0  # keep maxima >= this fraction of the image's strongest one
     fallback_temperature: float = 0.5  # see predict_landmarks
