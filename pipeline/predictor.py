@@ -402,12 +402,6 @@ class MethodPart:
     def eval_batch(self) -> int:
         return 16
 
-    @property
-    def batch_multiple(self) -> int:
-        """The predictor's batches are rounded up to a multiple of this (a part whose read-out
-        depends on an image's position inside its own batches keeps them aligned)."""
-        return 1
-
     def predict_batch(self, batch: MethodBatch) -> LandmarkSet:
         """K landmarks per image of ``batch``, crop pixels."""
         raise NotImplementedError
@@ -728,8 +722,9 @@ class CondGenPart(MethodPart):
 
 class StableKeypointsPart(MethodPart):
     """StableKeypoints: the selected tokens' attention maps on the crop through the frozen
-    text-conditioned UNet (``StableKeypoints.predict``; the noise of an image is seeded by its
-    noise index, as the run seeds it by the crop's row)."""
+    text-conditioned UNet (``StableKeypoints.predict``; the noise and the augmentation warps of an
+    image are seeded by its noise index, as the run seeds them by the crop's row, so the batch
+    size does not matter)."""
 
     name = "stablekeypoints"
     inputs = "crops"
@@ -745,18 +740,6 @@ class StableKeypointsPart(MethodPart):
     @property
     def k(self) -> int:
         return int(len(self.selected))
-
-    @property
-    def eval_batch(self) -> int:
-        return self.batch_multiple * max(1, -(-16 // self.batch_multiple))
-
-    @property
-    def batch_multiple(self) -> int:
-        # StableKeypoints.predict_maps batches by config.batch_size and draws augmentation a's
-        # warps per position in that batch (from (seed, a)): the same image at another position
-        # gets other warps (measured: up to 20 px on the tiny run). Whole multiples keep every
-        # image at the position the run's own prediction gave it (its index mod batch_size).
-        return max(1, int(self.config.batch_size))
 
     def _estimator(self, unet: Any) -> Any:
         import torch
@@ -1069,8 +1052,6 @@ class LandmarkPredictor:
 
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}", where="--batch-size", fix="use e.g. 16")
-        multiple = self.part.batch_multiple
-        batch_size = -(-batch_size // multiple) * multiple
         items = [im if isinstance(im, ImageItem) else ImageItem(str(im), str(im)) for im in ([images] if isinstance(images, (str, Path)) else images)]
         skipped: list[dict[str, str]] = []
         parts: list[tuple[list[ImageItem], LandmarkSet, np.ndarray, np.ndarray]] = []

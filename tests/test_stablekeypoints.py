@@ -117,6 +117,21 @@ def test_landmarks_of_a_warped_image_map_back_to_the_original_place():
     assert valid.shape == (4, 1, 32, 32)
 
 
+def test_augmentation_warps_depend_on_the_row_not_the_batch():
+    from pipeline.methods.stablekeypoints.estimator import augmentation_warps
+
+    cfg = StableKeypointsConfig(**TINY)
+    assert torch.equal(augmentation_warps(cfg, np.array([3, 4]), 0), torch.eye(2, 3).repeat(2, 1, 1))
+    whole = augmentation_warps(cfg, np.arange(6), 1)
+    # the same rows in other batches get the same warps ...
+    assert torch.equal(augmentation_warps(cfg, np.array([4, 1]), 1), whole[[4, 1]])
+    # ... while rows, augmentations and seeds each change them
+    assert not torch.allclose(whole[0], whole[1])
+    assert not torch.allclose(augmentation_warps(cfg, np.arange(6), 2), whole)
+    other = StableKeypointsConfig(**{**TINY, "seed": cfg.seed + 1})
+    assert not torch.allclose(augmentation_warps(other, np.arange(6), 1), whole)
+
+
 def test_selection_spreads_tokens_and_counts_over_images():
     pts = np.array([[0, 0], [0.1, 0], [1, 1], [1, 0.9], [0, 1]], float)
     assert set(furthest_point_sampling(pts, 3, first=0)) == {0, 2, 4}

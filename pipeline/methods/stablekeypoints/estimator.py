@@ -11,9 +11,11 @@
    noise and chunk from ``(seed, s)`` only, so a resumed fit equals an
    uninterrupted one.
 2. ``select(crops)``: K of the N tokens (:mod:`.selection`).
-3. ``predict(crops) -> LandmarkSet``: per image the maps of the K tokens
+3. ``predict(crops, rows) -> LandmarkSet``: per image the maps of the K tokens
    under ``augmentations`` warps (the first is the identity), each warped back
-   to the crop frame and averaged; landmark = the argmax cell's centre.
+   to the crop frame and averaged; landmark = the argmax cell's centre. The
+   noise and the warps of an image are seeded by ``(seed, row)``
+   (:func:`augmentation_warps`), so a prediction does not depend on the batch.
 
 Memory is bounded by what the processors keep: head-averaged maps of
 ``token_chunk`` tokens at <= ``max_side`` cells (the softmax still runs over all
@@ -86,6 +88,27 @@ class StableKeypointsConfig:
 def _noise_for(seed: int, rows: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
     """One fixed noise tensor per image row (prediction and selection do not depend on batch mates)."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(seed) * 7_919 + int(r) + 1)) for r in rows])
+
+
+def augmentation_warps(config: StableKeypointsConfig, rows: np.ndarray, augmentation: int) -> torch.Tensor:
+    """Prediction augmentation ``augmentation``'s warp of each image row, thetas (len(rows), 2, 3).
+
+    Augmentation 0 is the identity. Every other warp is drawn from a generator of
+    ``(seed, augmentation, row)`` alone, like the image's noise (:func:`_noise_for`): an
+    image's prediction depends on the image and the seed, not on where it sits in a batch
+    nor on the batch size (drawing one batch of warps per augmentation gave the same image
+    other warps at another position: 20-28 px apart on the test runs).
+    """
+    rows = np.asarray(rows)
+    if augmentation == 0:
+        return torch.eye(2, 3).repeat(len(rows), 1, 1)
+    thetas = []
+    for r in rows:
+        # SeedSequence mixes the three numbers: no two (augmentation, row) pairs share a stream.
+        key = np.random.SeedSequence([int(config.seed) % 2**63, int(augmentation), int(r) % 2**63]).generate_state(2, np.uint64)[0]
+        gen = torch.Generator().manual_seed(int(key) & 0x7FFF_FFFF_FFFF_FFFF)
+        thetas.append(random_affine(1, gen, config.rotation_deg, config.log_scale, config.translation, shear=0.0)[0])
+    return torch.stack(thetas) if thetas else torch.zeros(0, 2, 3)
 
 
 class StableKeypoints:
@@ -224,11 +247,7 @@ class StableKeypoints:
                 noise = _noise_for(cfg.seed, rb, self._latent_shape(int(x.shape[-1])))
                 acc, weight = 0.0, 0.0
                 for a in range(cfg.augmentations):
-                    if a == 0:
-                        theta = torch.eye(2, 3).repeat(len(xb), 1, 1)
-                    else:  # the warps of augmentation a: a function of (seed, a) only
-                        theta = random_affine(len(xb), torch.Generator().manual_seed(int(cfg.seed) * 31 + a), cfg.rotation_deg,
-                                              cfg.log_scale, cfg.translation, shear=0.0)
+                    theta = augmentation_warps(cfg, rb, a)
                     maps = peak_normalised(self._maps(store, warp_images(xb, theta)[0], noise, keep))
                     back, valid = unwarp_maps(maps, theta.to(maps.device))
                     acc, weight = acc + back * valid, weight + valid
