@@ -244,3 +244,21 @@ def test_sd_extract_through_the_real_loading_path(tiny_sd_dir, tmp_path):
     copy = sd.save_pretrained(tmp_path / "sd-copy")
     assert load_backbone(str(copy)).identity() == sd.identity()
     assert sd.identity()["scheduler"]["beta_schedule"] == "scaled_linear"
+
+
+def test_unet_widths_are_checked_before_the_model_is_built():
+    from pipeline.backbones.ddpm import CategoryDDPM, unet_arch
+    from pipeline.errors import ConfigError
+
+    for bad in ((16,), (16, 20), (8, 16)):  # one level; not a multiple of 8; attention level narrower than a head
+        with pytest.raises(ConfigError) as err:
+            unet_arch(bad)
+        assert err.value.where == "--channels"
+    with pytest.raises(ConfigError, match="heads are 32 channels wide") as err:
+        unet_arch((8, 16))
+    assert "8,32" in err.value.fix
+    # the narrowest usable design builds and runs
+    unet = CategoryDDPM.create(16, **unet_arch((8, 32))).unet
+    assert tuple(unet.config.block_out_channels) == (8, 32)
+    with torch.no_grad():
+        assert unet(torch.zeros(1, 3, 16, 16), 10).sample.shape == (1, 3, 16, 16)

@@ -72,6 +72,15 @@ def unet_arch(channels: Sequence[int], layers_per_block: int = 1) -> dict[str, A
             where="--channels",
             fix="give at least two widths, each a multiple of 8 (GroupNorm uses 8 groups), e.g. 16,32,64,128",
         )
+    head_dim = int(DEFAULT_ARCH["attention_head_dim"])
+    if ch[-1] < head_dim:
+        # diffusers makes ch[-1] // head_dim attention heads at the lowest level: zero heads
+        # would fail deep inside the model's first forward pass with a ZeroDivisionError.
+        raise ConfigError(
+            f"UNet widths {ch}: the last width ({ch[-1]}) carries the self-attention, whose heads are {head_dim} channels wide",
+            where="--channels",
+            fix=f"make the last width at least {head_dim}, e.g. {','.join(str(c) for c in ch[:-1] + (head_dim,))}",
+        )
     n = len(ch)
     return {
         **DEFAULT_ARCH,
