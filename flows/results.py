@@ -160,7 +160,14 @@ def write_metrics(home: str | Path, run_id: str, rows: list[dict[str, Any]]) -> 
 
 
 # ------------------------------------------------------------ evaluation
-def _eval_split(home: Path, dataset: str, split: str, kp: pd.DataFrame, box: str = "landmarks") -> tuple[EvalData, np.ndarray, list[str], int]:
+def box_source_label(sources: np.ndarray) -> str:
+    """One label for how the object boxes of evaluated images were made: the manifests'
+    ``box_source`` when all agree, else the sorted distinct values joined by ``+``."""
+    values = sorted({str(v) for v in np.asarray(sources, dtype=object).reshape(-1)})
+    return "+".join(values) if values else "none"
+
+
+def _eval_split(home: Path, dataset: str, split: str, kp: pd.DataFrame, box: str = "landmarks") -> tuple[EvalData, np.ndarray, list[str], int, str]:
     from flows.datasets import load_manifest
 
     manifest = load_manifest(home, dataset, split)
@@ -177,7 +184,7 @@ def _eval_split(home: Path, dataset: str, split: str, kp: pd.DataFrame, box: str
         coords, present, manifest.landmarks()[rows], manifest.normalisers(box)[rows], boxes,
         yaw=manifest.frame["yaw"].to_numpy(np.float64)[rows], image_ids=ids,
     )
-    return data, keypoint_fallback(kp), list(manifest.meta.landmark_names), len(manifest) - len(ids)
+    return data, keypoint_fallback(kp), list(manifest.meta.landmark_names), len(manifest) - len(ids), box_source_label(manifest.box_sources()[rows])
 
 
 def evaluate_keypoints(
@@ -236,7 +243,7 @@ def evaluate_keypoints(
                 fix="the regressors need keypoints on training images and the test images: re-run the method on both splits",
             )
         parts[split] = _eval_split(home, dataset, split, sub, box)
-    (train, train_fb, names, _), (test, test_fb, _, n_unpredicted) = parts[train_split], parts[test_split]
+    (train, train_fb, names, _, _), (test, test_fb, _, n_unpredicted, box_source) = parts[train_split], parts[test_split]
     if train.gt.shape[1] == 0:
         # A dataset without labels (the `folder` loader, `uld discover`): nothing to score against.
         # The methods' label-free measures (presence, fallbacks, cluster quality) are their own rows.
@@ -256,7 +263,7 @@ def evaluate_keypoints(
     K = train.disc.shape[1]
     n_fit = rep.counts["n_regressor_images"]
     base = {"run_id": run_id, "method": method, "stage": stage, "round": int(round_), "dataset": dataset, "split": test_split, "k": K,
-            "n_regressor_images": n_fit, "protocol": proto.name, "box": box}
+            "n_regressor_images": n_fit, "protocol": proto.name, "box": box, "box_source": box_source}
     rows: list[dict[str, Any]] = []
 
     def add(metric: str, value: float, repeat: int = -1, **over: Any) -> None:

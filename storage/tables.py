@@ -135,6 +135,10 @@ SCHEMAS: dict[str, pa.Schema] = {
             # rows that do not depend on them (cluster quality, ...) carry the defaults.
             pa.field("protocol", pa.string()),
             pa.field("box", pa.string()),
+            # How the evaluated images' object boxes (crops, RoIs) were made: the manifests'
+            # box_source (landmarks | image | file, '+'-joined when mixed); null for rows not
+            # computed from a test split and for tables written before the column.
+            pa.field("box_source", pa.string()),
         ]
     ),
     # Per-image errors for CED curves and pose splits.
@@ -226,9 +230,11 @@ SCHEMAS: dict[str, pa.Schema] = {
 # tables are read with, and rows from writers that do not set it are written with
 # (keypoints before `fallback` existed had no fallbacks flagged; metrics and errors
 # before `protocol` / `box` existed were all evaluated under `paper` / `landmarks`;
+# metrics before `box_source` existed did not record how the boxes were made (null);
 # pseudo-labels before `pose_code` existed had no pose codes).
 _PROTOCOL_DEFAULTS = {"protocol": "paper", "box": "landmarks"}
-ADDED_COLUMNS: dict[str, dict[str, Any]] = {"keypoints": {"fallback": False}, "metrics": _PROTOCOL_DEFAULTS, "errors": _PROTOCOL_DEFAULTS,
+ADDED_COLUMNS: dict[str, dict[str, Any]] = {"keypoints": {"fallback": False}, "metrics": {**_PROTOCOL_DEFAULTS, "box_source": None},
+                                             "errors": _PROTOCOL_DEFAULTS,
                                              "pseudolabels": {"pose_code": None}, "manifest": {"box_source": None}}
 
 _META_KEY = b"uld"

@@ -117,6 +117,17 @@ def test_evaluate_keypoints_records_protocol_and_box(workspace):
     err = read_table(workspace.run_file("r", "errors.parquet"), "errors")
     assert set(err["protocol"]) == {"paper", "lstsq"}
     assert int(b[(b["metric"] == "nme_forward") & (b["repeat"] == -1)]["n_regressor_images"].iloc[0]) == len(store.indices("train"))
+    # every row says how the evaluated images' boxes were made (the toy manifests' own boxes)
+    rows = read_table(workspace.run_file("r", "metrics.parquet"), "metrics")
+    assert set(rows["box_source"]) == {"file"}
+
+
+def test_box_source_label():
+    from flows.results import box_source_label
+
+    assert box_source_label(np.array(["landmarks"] * 3, dtype=object)) == "landmarks"
+    assert box_source_label(np.array(["image", "file", "image"], dtype=object)) == "file+image"
+    assert box_source_label(np.array([], dtype=object)) == "none"
 
 
 def test_metrics_written_before_the_protocol_column_read_as_paper(tmp_path):
@@ -131,6 +142,7 @@ def test_metrics_written_before_the_protocol_column_read_as_paper(tmp_path):
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path)
     m = read_table(path, "metrics")
     assert m["protocol"].tolist() == ["paper"] and m["box"].tolist() == ["landmarks"]
+    assert m["box_source"].isna().all()  # not recorded then: unknown, not guessed
 
 
 def test_cli_evaluate_protocol_option_and_summary(workspace):
