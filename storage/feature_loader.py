@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.errors import StoreError
 from storage.features import FeatureStore
+from storage.locations import is_url
 
 DEFAULT_BLOCK = 16
 
