@@ -94,6 +94,48 @@ def _remote_fs(url: str) -> tuple[Any, str]:
         raise StoreError(f"not a usable store URL: {exc}", where=url, fix="use a local path or an fsspec URL such as s3://bucket/prefix") from None
 
 
+# (protocol, container) pairs already found reachable in this process: the check costs one
+# request, and a store is opened many times (each Dask task, each loader worker).
+_REACHABLE: set[tuple[str, str]] = set()
+
+
+def _check_container(fs: Any, url: str, root: str) -> None:
+    """Raise a clean :class:`StoreError` unless the bucket (first path part) of ``url`` can be reached.
+
+    Without it a typo in the bucket name, a wrong endpoint or missing credentials
+    surface as botocore / aiohttp tracebacks from the first write (or, for a
+    missing bucket, as "store not found" followed by a failed upload). The file
+    systems raise many exception types for "cannot connect"; only this up-front
+    probe turns them all into one message, later I/O errors keep their type
+    (a transient one is retried by the flow).
+    """
+    proto = url.split("://", 1)[0].lower()
+    container = root.split("/", 1)[0]
+    if proto == "memory" or not container or (proto, container) in _REACHABLE:
+        return  # memory:// has no containers to check
+    shown = f"{proto}://{container}"
+    try:
+        # info, not exists(): s3fs's exists() answers False for "cannot connect" too (after its retries).
+        fs.info(container)
+        found = True
+    except FileNotFoundError:
+        found = False
+    except PermissionError as exc:
+        raise StoreError(f"access to {shown} denied: {exc}", where=url, fix=_CREDENTIALS_FIX) from None
+    except Exception as exc:  # noqa: BLE001 -- connection, DNS, TLS, credential errors of any client library
+        raise StoreError(f"cannot reach {shown}: {type(exc).__name__}: {exc}", where=url, fix=_CREDENTIALS_FIX) from None
+    if not found:
+        raise StoreError(f"bucket {shown} does not exist (or is not visible with these credentials)", where=url,
+                         fix=f"create the bucket or fix the URL; {_CREDENTIALS_FIX}")
+    _REACHABLE.add((proto, container))
+
+
+_CREDENTIALS_FIX = (
+    "check the endpoint and credentials in the environment (for S3: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+    "AWS_SECRET_ACCESS_KEY, or ~/.aws) and that the network reaches it"
+)
+
+
 class Files:
     """The file operations of one store root (``rel`` paths use '/' and are relative to the root)."""
 
@@ -173,6 +215,7 @@ class FsspecFiles(Files):
         self.url = str(url).rstrip("/")
         self.fs, self.root = _remote_fs(self.url)
         self.root = self.root.rstrip("/")
+        _check_container(self.fs, self.url, self.root)
 
     def key(self, rel: str) -> str:
         return f"{self.root}/{rel}" if rel else self.root

@@ -1,15 +1,17 @@
-"""Feature stores on S3, against a real S3-compatible server (moto's server mode, a separate process).
+"""Feature stores on S3, against a real S3-compatible server (moto's server mode).
 
 No mocks: the store, the shard-direct ranged reads, the lock object and the
-`uld features --store-url` command all talk HTTP to a local moto server that this
-module starts and stops. Skipped (with the reason) when moto or s3fs is missing:
+`uld features --store-url` command all talk HTTP to a local moto server
+(``moto.server.ThreadedMotoServer``, on a free port of 127.0.0.1) that this
+module starts and stops; the CLI test's subprocess reaches it over the same
+port. Skipped (with the reason) when moto's server extra or s3fs is missing:
 ``pip install -e '.[dev]'`` installs both.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
+import logging
 import os
 import socket
 import subprocess
@@ -29,40 +31,26 @@ REPO = Path(__file__).resolve().parents[1]
 BUCKET = "uld-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
+def s3():
     """A moto S3 server on a free local port, one bucket, and the AWS_* environment pointing at it."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("moto") / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
     env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        import boto3
-
         client = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
-        deadline = time.time() + 120
-        while True:
-            try:
-                client.create_bucket(Bucket=BUCKET)
-                break
-            except Exception:  # not listening yet
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"moto server did not start: {log.read_text()[-2000:]}") from None
-                time.sleep(0.3)
+        client.create_bucket(Bucket=BUCKET)
         yield {"url": url, "env": env, "client": client}
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        server.stop()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -165,6 +153,8 @@ def test_lock_object_excludes_a_second_writer_and_expires(s3, monkeypatch):
 def test_uld_features_store_url_matches_the_local_store_and_resumes(prefect_harness, s3, tmp_path):
     from flows.features import extract_features
     from storage.features import FeatureStore
+    from pipeline.errors import BusyError
+    from storage.locks import writer_lock
     from tests.test_features_noop import SPEC, _toy
     from tests.tiny_runs import make_backbone
 
@@ -179,13 +169,16 @@ def test_uld_features_store_url_matches_the_local_store_and_resumes(prefect_harn
     assert a.keys == b.keys and np.array_equal(a.image_ids, b.image_ids) and a.config == b.config
     for k in a.keys:
         assert a.read(0, len(a), [k])[k].tobytes() == b.read(0, len(b), [k])[k].tobytes()
-    assert not _keys(s3, "flow/toy/.bb.zarr"), "the lock object is removed after the run"
+    # The lock object (.<hash>.lock beside the store) is removed after the run; only the store is left.
+    lock_key = remote.split(f"{BUCKET}/", 1)[1].rsplit("/", 1)[0] + f"/.{local.name}.lock"
+    prefix = lock_key.rsplit("/", 1)[0] + "/"
+    assert all(not k.endswith(".lock") for k in _keys(s3, prefix)) and _keys(s3, prefix)
 
-    def uld(*args: str) -> subprocess.CompletedProcess:
+    def uld(*args: str, url: str = root, **env_over: str) -> subprocess.CompletedProcess:
         argv = ["--home", str(home), "features", "-d", "toy", "-b", bb, "--size", "32", "--timesteps", "10", "--crop-margin", "0.1",
-                "--store-url", root, *args]
+                "--shard-size", "4", "--store-url", url, *args]
         code = f"import sys\nfrom flows.cli import main\nsys.argv = ['uld', *{argv!r}]\nmain()\n"
-        env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PREFECT_HOME": str(tmp_path / "p"), **s3["env"]}
+        env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PREFECT_HOME": str(tmp_path / "p"), **s3["env"], **env_over}
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
 
     out = uld()
@@ -194,14 +187,47 @@ def test_uld_features_store_url_matches_the_local_store_and_resumes(prefect_harn
     out = uld("--verify")
     assert out.returncode == 0 and "verified:   complete" in out.stdout, out.stdout + out.stderr
 
-    # A shard object lost on S3: --verify names it (exit 2); the same command re-extracts it bit-identically.
+    # A shard object lost on S3: --verify names it (exit 2).
     key = next(k for k in _keys(s3, remote.split(f"{BUCKET}/", 1)[1] + "/features/") if k.endswith("/c/1/0/0/0"))
     s3["client"].delete_object(Bucket=BUCKET, Key=key)
     out = uld("--verify")
-    assert out.returncode == 2 and "shard file missing" in out.stdout, out.stdout + out.stderr
-    assert extract_features("toy", bb, SPEC, home=home, shard_size=4, store_url=root) == remote
+    assert out.returncode == 2 and "shard file missing" in out.stdout and key in out.stdout, out.stdout + out.stderr
+    # While another writer holds the store's lock object, the repair is refused (in process: the lock is the
+    # object on S3, not this process, and a CLI run would cost another Prefect server start) ...
+    with writer_lock(remote, "feature store"):
+        with pytest.raises(BusyError, match="another uld process is writing"):
+            extract_features("toy", bb, SPEC, home=home, shard_size=4, store_url=root)
+    # ... and once it is released, the same command re-extracts the lost shard bit-identically.
+    out = uld()
+    assert out.returncode == 0 and "nothing to do" not in out.stdout, out.stdout + out.stderr
     b = FeatureStore.open(remote)
     for k in a.keys:
         assert a.read(0, len(a), [k])[k].tobytes() == b.read(0, len(b), [k])[k].tobytes()
-    summary = json.loads(json.dumps(b.attrs["config"]))
-    assert summary == a.config
+    assert b.config == a.config
+
+    # Bad locations are one clean message each (exit 2, no traceback): a missing bucket, an endpoint nobody
+    # listens on, an unknown protocol.
+    out = uld(url="s3://no-such-bucket-uld/features")
+    assert out.returncode == 2 and "bucket s3://no-such-bucket-uld does not exist" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"  # bound, never listening: connections are refused
+        out = uld(AWS_ENDPOINT_URL=dead, AWS_MAX_ATTEMPTS="1", AWS_RETRY_MODE="standard")
+    assert out.returncode == 2 and f"cannot reach s3://{BUCKET}" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    out = uld(url="nosuchproto://x/y")
+    assert out.returncode == 2 and "not a usable store URL" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_bad_locations_are_clean_store_errors(s3):
+    from pipeline.errors import StoreError
+    from storage.features import FeatureStore
+    from storage.locks import writer_lock
+
+    with pytest.raises(StoreError, match="does not exist"):
+        FeatureStore.open("s3://no-such-bucket-uld/a/b")
+    with pytest.raises(StoreError, match="names a bucket, not a folder"):
+        writer_lock(f"s3://{BUCKET}", "feature store")
+    with pytest.raises(StoreError, match="not a usable store URL"):
+        FeatureStore.exists("nosuchproto://x/y")
+    with pytest.raises(StoreError, match="feature store not found"):
+        FeatureStore.open(f"s3://{BUCKET}/nothing/here")
