@@ -51,8 +51,7 @@ def resolve_store(
 ) -> FeatureStore:
     """The feature store to read: ``store_path`` when given, else the one ``uld features`` made for (dataset, backbone, spec)."""
     if store_path is not None:
-        # As given, not through Path(): an fsspec URL (s3://...) would lose a slash.
-        return FeatureStore.open(store_path)
+        return FeatureStore.open(Path(store_path))
     from flows.features import open_features
 
     return open_features(home, dataset, backbone, spec, device=device)

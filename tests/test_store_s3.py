@@ -104,6 +104,14 @@ def test_store_on_s3_reads_back_bit_identical_to_the_local_store(s3, tmp_path):
     remote.set_direct_reads(False)  # Zarr's own FsspecStore path gives the same bytes
     assert remote.read(0, 10)["up0@t10"].tobytes() == want.tobytes()
     assert remote.bytes_per_image() == local.bytes_per_image()
+    # The torch loader given the URL: a spawned worker process opens the store on S3 itself.
+    from storage.feature_loader import make_loader
+
+    for workers in (0, 1):
+        batches = list(make_loader(url, [0, 2, 4, 6, 8], batch_size=2, num_workers=workers))
+        got_rows = np.concatenate([b["features"]["up0@t10"].numpy() for b in batches])
+        assert [int(i) for b in batches for i in b["index"]] == [0, 2, 4, 6, 8]
+        assert np.array_equal(got_rows, want[[0, 2, 4, 6, 8]].astype(np.float32))
     # The shard files are byte for byte the local ones.
     rel = "features/up0@t10/c/0/0/0/0"
     body = s3["client"].get_object(Bucket=BUCKET, Key=f"api/store/{rel}")["Body"].read()
