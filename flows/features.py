@@ -243,7 +243,7 @@ def extract_features(
     shards only) with its recorded batch size; a complete one is left alone.
     Finished shards whose files are missing or damaged (:meth:`FeatureStore.verify`;
     ``deep_check`` also decodes every chunk) are re-extracted like unfinished ones.
-    Holds the store's writer lock throughout (:class:`storage.locks.WriterLock`).
+    Holds the store's writer lock throughout (:func:`storage.locks.writer_lock`: a flock, or a lock object on an object store).
     ``fan_out`` submits the shards to the flow's task runner (a Dask one:
     :func:`flows.features_dask.extract_features_dask`) instead of running them here.
     ``store_url`` (a folder or an fsspec URL such as ``s3://bucket/prefix``) stands in for

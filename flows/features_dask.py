@@ -14,7 +14,7 @@ missing shards are computed changes:
   no two workers ever write the same file (the store's arrays are chunked per
   shard: see :mod:`storage.features`).
 * **The coordinator keeps the writer lock and the group attributes.** The flow's
-  process holds :class:`storage.locks.WriterLock` for the whole run (the lock is an
+  process holds the store's writer lock (:func:`storage.locks.writer_lock`) for the whole run (an
   advisory ``flock``: it keeps a second *uld command* out, and does not stop the
   workers this command dispatched). Workers never touch the group attrs (a
   read-modify-write there would race): they return the shard's skipped images,

@@ -38,6 +38,9 @@ Why this shape:
   bytes directly, checking every CRC32C, same format, same files.
 * The store directory is **created atomically** (built next to its final path,
   then renamed), so a reader never finds a store without its metadata and ids.
+  On an object store (an fsspec URL, :mod:`storage.locations`), which has no
+  rename, it is built in a local temporary folder and uploaded with its root
+  ``zarr.json`` last: readers recognise a store by that object.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.errors import StoreError
-from storage.locations import Files, LocalFiles, files_for
+from storage.locations import Files, FsspecFiles, LocalFiles, files_for
 from storage.shard_reader import RawShardLayout, layout_of, read_rows, read_rows_ranged
 
 if TYPE_CHECKING:  # dask is imported lazily: most readers never need it
@@ -157,7 +160,7 @@ def _shard_index_spec(arr: Any) -> tuple[int, ...] | None:
         return None
 
 
-def _upload(folder: Path, files: Any) -> None:
+def _upload(folder: Path, files: "FsspecFiles") -> None:
     """Copy a store built in ``folder`` to the object store ``files``, the root ``zarr.json`` last.
 
     The root object is what makes a store exist for every reader (and for a

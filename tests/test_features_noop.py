@@ -187,3 +187,32 @@ def test_recorded_no_op_needs_neither_pandas_nor_zarr_and_still_sees_damage(pref
     assert recorded_manifest(home, "toy", paths) is None
     assert recorded_no_op("toy", bb, SPEC, home=home) is not None  # same content: the ordinary path agrees
     assert recorded_manifest(home, "toy", paths) is not None  # and records it again
+
+
+def test_invoked_command_skips_root_options_and_their_values():
+    from flows.cli import invoked_command
+
+    assert invoked_command(["--home", "features", "features", "-d", "toy"]) == "features"  # --home's value is not the command
+    assert invoked_command(["--home=/w", "--seed", "3", "zeroshot"]) == "zeroshot"
+    assert invoked_command(["--help"]) is None and invoked_command([]) is None
+
+
+def test_store_url_as_a_local_folder_gives_the_same_bytes_and_records_the_no_op(prefect_harness, tmp_path):
+    from flows.feature_plan import recorded_no_op
+    from flows.features import extract_features
+    from storage.features import FeatureStore
+
+    home = tmp_path / "ws"
+    _toy(home, tmp_path / "images")
+    bb = make_backbone(tmp_path / "bb", seed=0)
+    default = extract_features("toy", bb, SPEC, home=home, shard_size=4)
+    elsewhere = extract_features("toy", bb, SPEC, home=home, shard_size=4, store_url=str(tmp_path / "elsewhere"))
+    # Same layout below the folder as below <home>/features, same hash, same bytes in every file.
+    assert elsewhere == tmp_path / "elsewhere" / default.relative_to(home / "features")
+    files = sorted(p.relative_to(default) for p in default.rglob("*") if p.is_file() and p.name != "zarr.json")
+    assert files == sorted(p.relative_to(elsewhere) for p in elsewhere.rglob("*") if p.is_file() and p.name != "zarr.json")
+    assert all((default / f).read_bytes() == (elsewhere / f).read_bytes() for f in files)
+    a, b = FeatureStore.open(default), FeatureStore.open(elsewhere)
+    assert a.config == b.config and a.config_hash == b.config_hash
+    found = recorded_no_op("toy", bb, SPEC, home=home, store_url=str(tmp_path / "elsewhere"))
+    assert found is not None and found[0] == elsewhere and found[1] is not None  # answered by the completion record
