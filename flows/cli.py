@@ -56,7 +56,31 @@ def settings(ctx: typer.Context) -> Settings:
     return obj if isinstance(obj, Settings) else Settings.from_env()
 
 
-def _register_commands() -> None:
+# Commands registered alone when they are the one invoked: a no-op `uld features` must not
+# pay for importing every other command (the dataset loaders' pandas alone is ~1 s on 2 busy
+# cores). Anything else (`uld --help`, other commands, unparsed argv) registers them all.
+_ALONE = {"features": "cli_features"}
+_VALUE_OPTIONS = ("--home", "--data-root", "--device", "--seed")  # the root options that take a value
+
+
+def invoked_command(argv: list[str]) -> str | None:
+    """The command name in ``argv`` (the first word after the root options), or None."""
+    args = iter(argv)
+    for arg in args:
+        if arg in _VALUE_OPTIONS:
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def _register_commands(argv: list[str] | None = None) -> None:
+    alone = _ALONE.get(invoked_command(argv)) if argv is not None else None
+    if alone is not None:
+        import importlib
+
+        importlib.import_module(f"flows.{alone}").register(app)
+        return
     # Each stage's commands live beside its flow; the order here is the order in --help.
     from flows import cli_ablation, cli_backbone, cli_datasets, cli_demo, cli_deploy, cli_discover, cli_duld, cli_evaluate, cli_features, cli_predict, cli_report, cli_train, cli_ui, cli_zeroshot
 
@@ -99,7 +123,7 @@ def _prefect_defaults(home: Optional[Path] = None) -> None:
 
 
 def main() -> None:
-    _register_commands()
+    _register_commands(sys.argv[1:])
     install_log_filter()
     try:
         app()

@@ -29,6 +29,7 @@ def register(app: typer.Typer) -> None:
         deep: bool = typer.Option(False, "--deep", help="Also decode every stored chunk (checks each CRC32C; reads the whole store). With --verify: report; without: re-extract what fails."),
         dask_address: str = typer.Option(None, "--dask-address", help="Run the shard tasks on this Dask scheduler (tcp://HOST:8786; workers must see the workspace and images). Needs the [dask] extra."),
         dask_workers: int = typer.Option(None, "--dask-workers", help="Run the shard tasks on a local Dask cluster of N single-threaded worker processes (0: one per GPU, else one per core). Needs the [dask] extra."),
+        store_url: str = typer.Option(None, "--store-url", help="Keep the store below this folder or fsspec URL (s3://bucket/prefix, gs://...) instead of <home>/features; credentials and endpoint from the usual environment (AWS_* for S3). Needs s3fs / gcsfs for those."),
     ) -> None:
         """Extract diffusion hyperfeatures of every train and test image into a sharded Zarr store.
 
@@ -39,9 +40,8 @@ def register(app: typer.Typer) -> None:
         writes a different store under features/<dataset>/<backbone>.zarr/<hash>/.
         """
         from flows.cli import settings
-        from flows.feature_plan import check_manifests, check_usable, recorded_store_path
+        from flows.feature_plan import check_manifests, check_usable, recorded_no_op
         from pipeline.errors import StoreError
-        from storage.features import FeatureStore
 
         s = settings(ctx)
         spec = feature_spec(size, timesteps, layers, crop_margin, reduce_channels, s.seed, backbone=backbone, home=s.home)
@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
         if verify:
             from flows.features import verify_features
 
-            path, problems = verify_features(dataset, backbone, spec, home=s.home, device="cpu", data_root=s.data_root, deep=deep)
+            path, problems = verify_features(dataset, backbone, spec, home=s.home, device="cpu", data_root=s.data_root, deep=deep, store_url=store_url)
             typer.echo(f"store:      {path}")
             if not problems:
                 typer.echo(f"verified:   complete, every shard file present{' and every chunk decodes' if deep else ''}")
@@ -64,19 +64,21 @@ def register(app: typer.Typer) -> None:
                 else "delete the folder and re-run `uld features` to rebuild it",
             )
         # A finished store needs no flow run (no Prefect server start-up) and, when the backbone's
-        # identity is recorded for its unchanged files, no model either (no torch, no Prefect import).
-        path = recorded_store_path(dataset, backbone, spec, home=s.home, data_root=s.data_root, deep=deep)
+        # identity is recorded for its unchanged files, no model either (no torch, no Prefect import);
+        # when the store's completion record still holds, not even pandas or Zarr (storage.completion_cache).
+        found = recorded_no_op(dataset, backbone, spec, home=s.home, data_root=s.data_root, deep=deep, store_url=store_url)
+        path, summary = found if found is not None else (None, None)
         if path is None:
             from flows.features import complete_store_path
 
-            path = complete_store_path(dataset, backbone, spec, home=s.home, device="cpu", data_root=s.data_root, deep=deep)
+            path = complete_store_path(dataset, backbone, spec, home=s.home, device="cpu", data_root=s.data_root, deep=deep, store_url=store_url)
         if path is not None:
             typer.echo("features already complete: nothing to do")
         else:
             from flows.features import extract_features
 
             options = dict(home=s.home, device=s.device, batch_size=batch_size, skip_bad=skip_bad, shard_size=shard_size,
-                           data_root=s.data_root, deep_check=deep)
+                           data_root=s.data_root, deep_check=deep, store_url=store_url)
             if dask_address is not None or dask_workers is not None:
                 from flows.features_dask import dask_task_runner, extract_features_dask
 
@@ -85,13 +87,19 @@ def register(app: typer.Typer) -> None:
             else:
                 path = extract_features(dataset, backbone, spec, **options)
         seconds = time.perf_counter() - t0
-        store = FeatureStore.open(path)
-        check_usable(store)  # a store whose split has no readable image is an error, also when it was already complete
-        b = store.bytes_per_image()
+        if summary is None:  # recorded only for a complete, usable store: else open and check it here
+            from storage.completion_cache import store_summary
+            from storage.features import FeatureStore
+
+            store = FeatureStore.open(path)
+            check_usable(store)  # a store whose split has no readable image is an error, also when it was already complete
+            summary = store_summary(store)
+        b = summary["bytes_per_image"]
         typer.echo(f"store:      {path}")
-        typer.echo(f"images:     {len(store)} ({', '.join(f'{k}: {int((store.splits == k).sum())}' for k in sorted(set(store.splits.tolist())))})")
-        typer.echo(f"keys:       {', '.join(f'{k} {tuple(store.shapes[k])}' for k in store.keys)}")
+        typer.echo(f"images:     {summary['n_images']} ({', '.join(f'{k}: {n}' for k, n in summary['splits'].items())})")
+        shapes = summary["shapes"]
+        typer.echo(f"keys:       {', '.join(f'{k} {tuple(shapes[k])}' for k in summary['keys'])}")
         typer.echo(f"bytes/image: {b['raw'] / 1024:.1f} KiB float16, {b['on_disk'] / 1024:.1f} KiB on disk")
-        if store.skipped:
-            typer.echo(f"skipped:    {len(store.skipped)} unreadable images (features zero, valid=False)")
+        if summary["n_skipped"]:
+            typer.echo(f"skipped:    {summary['n_skipped']} unreadable images (features zero, valid=False)")
         typer.echo(f"time:       {seconds:.1f} s")

@@ -13,16 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from pipeline.backbones.base import FeatureSpec, feature_key
 from pipeline.errors import DatasetError, StoreError
-from storage.features import FORMAT_VERSION, FeatureStore, random_projection
-from storage.layout import Workspace
+from storage.layout import Workspace, feature_store_location
+from storage.store_format import FORMAT_VERSION
 
 if TYPE_CHECKING:
+    # numpy and the store (hence Zarr) are imported on use: the recorded no-op needs neither.
+    import numpy as np
+
     from pipeline.backbones.base import DiffusionBackbone
     from pipeline.datasets.base import Manifest
+    from storage.features import FeatureStore
 
 SPLITS = ("train", "test")
 # Manifest columns that decide what goes into the store (paths and boxes decide the crops).
@@ -68,6 +70,8 @@ def load_manifests(home: str | Path, dataset: str, data_root: str | Path | None 
 
 def manifest_fingerprint(manifest: "Manifest") -> str:
     """A hash of what decides the crops: ids, splits, paths and boxes, in order."""
+    import numpy as np
+
     h = hashlib.sha256()
     frame = manifest.frame
     for col in _FINGERPRINT_COLUMNS:
@@ -94,6 +98,8 @@ class StorePlan:
 
 def plan_store(dataset: str, backbone: "DiffusionBackbone", backbone_name: str, spec: FeatureSpec, manifest: "Manifest") -> StorePlan:
     """Resolve layers, keys, stored shapes, projections, the full config and its hash."""
+    from storage.features import random_projection
+
     spec = backbone.canonical_spec(spec)  # e.g. `pixels` ignores timesteps: one store whatever --timesteps says
     identity = backbone.identity()
     layers = list(spec.layers) or list(backbone.default_layers())
@@ -120,7 +126,11 @@ def store_config(dataset: str, backbone_name: str, identity: dict, layers: list[
     ``spec`` is the backbone's canonical spec and ``layers`` the resolved ones;
     no model is needed, so a recorded identity names the store as well as a loaded model.
     """
-    fingerprint = manifest_fingerprint(manifest)
+    return config_from_facts(dataset, backbone_name, identity, layers, spec, manifest_fingerprint(manifest), len(manifest))
+
+
+def config_from_facts(dataset: str, backbone_name: str, identity: dict, layers: list[str], spec: FeatureSpec, fingerprint: str, n_images: int) -> tuple[dict, str]:
+    """:func:`store_config` from the two facts of the manifest it uses (its fingerprint and length)."""
     spec_hash = spec.config_hash(identity)
     config = {
         "dataset": dataset,
@@ -131,7 +141,7 @@ def store_config(dataset: str, backbone_name: str, identity: dict, layers: list[
         "manifest_fingerprint": fingerprint,
         "layers": list(layers),
         "timesteps": [int(t) for t in spec.timesteps],
-        "n_images": len(manifest),
+        "n_images": int(n_images),
     }
     payload = json.dumps({"spec_hash": spec_hash, "manifest": fingerprint, "format": FORMAT_VERSION}, sort_keys=True)
     config_hash = hashlib.sha256(payload.encode()).hexdigest()[:12]
@@ -141,6 +151,8 @@ def store_config(dataset: str, backbone_name: str, identity: dict, layers: list[
 
 def check_same(store: FeatureStore, plan: StorePlan, ids: np.ndarray) -> None:
     """Raise :class:`StoreError` unless ``store`` was written for exactly ``plan`` and these image ids."""
+    import numpy as np
+
     diffs = sorted(k for k in set(plan.config) | set(store.config) if plan.config.get(k) != store.config.get(k))
     if store.keys != sorted(plan.keys):
         diffs.append("keys")
@@ -202,6 +214,30 @@ def remember_backbone(home: str | Path, backbone: str, identity: dict, default_l
         identity_cache(home).record(local[1], local[0], identity, default_layers)
 
 
+def manifest_paths(home: str | Path, dataset: str) -> list[Path]:
+    """The manifest files of ``dataset`` (train, then test: the store's row order)."""
+    ws = Workspace(Path(home))
+    return [ws.manifest(dataset, split) for split in SPLITS]
+
+
+def remember_manifest(home: str | Path, dataset: str, manifest: "Manifest") -> None:
+    """Record the manifests' fingerprint for the next no-op (best effort, :mod:`storage.completion_cache`)."""
+    from storage.completion_cache import record_manifest
+
+    record_manifest(home, dataset, manifest_paths(home, dataset), manifest_fingerprint(manifest), len(manifest))
+
+
+def remember_complete(home: str | Path, store: FeatureStore) -> None:
+    """Record a store just found complete, if it is also usable, for the next no-op (best effort)."""
+    from storage.completion_cache import record_complete
+
+    try:
+        check_usable(store)
+    except DatasetError:
+        return  # the ordinary path must keep saying why it is unusable
+    record_complete(home, store)
+
+
 def recorded_store_path(
     dataset: str,
     backbone: str,
@@ -209,7 +245,8 @@ def recorded_store_path(
     home: str | Path = "workspace",
     data_root: str | Path | None = None,
     deep: bool = False,
-) -> Path | None:
+    store_url: str | None = None,
+) -> "Path | str | None":
     """The finished store of this configuration found *without building the backbone*, or None.
 
     The backbone's identity comes from the workspace's record
@@ -219,8 +256,30 @@ def recorded_store_path(
     decodes). None means "not known to be finished": the caller takes the
     ordinary path, which loads the model and decides.
     """
-    from storage.backbone_identities import identity_cache
+    found = recorded_no_op(dataset, backbone, spec, home=home, data_root=data_root, deep=deep, store_url=store_url)
+    return found[0] if found is not None else None
+
+
+def recorded_no_op(
+    dataset: str,
+    backbone: str,
+    spec: FeatureSpec | None = None,
+    home: str | Path = "workspace",
+    data_root: str | Path | None = None,
+    deep: bool = False,
+    store_url: str | None = None,
+) -> "tuple[Path | str, dict | None] | None":
+    """:func:`recorded_store_path` and, when the store's completion record answered, its summary.
+
+    Cheapest first (:mod:`storage.completion_cache`): manifests known by their
+    files' stat, the store known complete by its files' stat and index CRCs:
+    then neither pandas nor Zarr is imported and the summary (what the CLI
+    prints) comes from the record. Otherwise the store is opened and checked
+    (summary None) and, when complete, recorded for next time.
+    """
     from pipeline.backbones.loading import backbone_name
+    from storage.backbone_identities import identity_cache
+    from storage.completion_cache import recorded_complete, recorded_manifest
 
     local = local_backbone(backbone, home)
     if local is None:
@@ -229,17 +288,35 @@ def recorded_store_path(
     if recorded is None or recorded.kind != local[0]:
         return None
     spec = spec or FeatureSpec()
-    manifest = load_manifests(home, dataset, data_root)
+    check_manifests(home, dataset, data_root)
+    manifest = None
+    facts = recorded_manifest(home, dataset, manifest_paths(home, dataset))
+    if facts is None:
+        manifest = load_manifests(home, dataset, data_root)
+        remember_manifest(home, dataset, manifest)
+        facts = {"fingerprint": manifest_fingerprint(manifest), "n_images": len(manifest)}
     name = backbone_name(backbone)
     layers = list(spec.layers) or list(recorded.default_layers)
-    config, config_hash = store_config(dataset, name, recorded.identity, layers, spec, manifest)
-    path = Workspace(Path(home)).feature_store(dataset, name, config_hash)
-    if not (path / "zarr.json").is_file():
+    config, config_hash = config_from_facts(dataset, name, recorded.identity, layers, spec, facts["fingerprint"], facts["n_images"])
+    path = feature_store_location(home, dataset, name, config_hash, store_url)
+    if not deep and isinstance(path, Path):
+        summary = recorded_complete(home, path, config_hash, config)
+        if summary is not None:
+            return path, summary
+    import numpy as np
+
+    from storage.features import FeatureStore
+
+    if not FeatureStore.exists(path):
         return None
     store = FeatureStore.open(path, require_complete=False, expected_hash=config_hash)
     keys = sorted(feature_key(layer, t) for layer in layers for t in spec.timesteps)
+    manifest = manifest if manifest is not None else load_manifests(home, dataset, data_root)
     if store.config != config or store.keys != keys or not np.array_equal(store.image_ids, manifest.image_ids):
         return None  # the ordinary path names the difference
     if deep and store.verify(deep=True):
         return None
-    return path if store.is_complete() else None
+    if not store.is_complete():
+        return None
+    remember_complete(home, store)
+    return path, None

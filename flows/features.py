@@ -46,14 +46,16 @@ from flows.feature_plan import (  # noqa: F401
     plan_store,
     recorded_store_path,
     remember_backbone,
+    remember_complete,
+    remember_manifest,
     store_config,
 )
 from flows.retry import RETRIES, RETRY_DELAY_S, retry_transient
 from pipeline.backbones.base import FeatureSpec
 from pipeline.errors import DatasetError, StoreError
 from storage.features import FeatureStore, StoreProblem, key_layer
-from storage.layout import Workspace
-from storage.locks import WriterLock
+from storage.layout import feature_store_location
+from storage.locks import writer_lock
 
 if TYPE_CHECKING:
     from pipeline.backbones.base import DiffusionBackbone
@@ -62,10 +64,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def open_or_create_store(path: Path, plan: StorePlan, manifest: "Manifest", crop_boxes: np.ndarray, spec: FeatureSpec, shard_size: int, batch_size: int) -> FeatureStore:
+def open_or_create_store(path: "Path | str", plan: StorePlan, manifest: "Manifest", crop_boxes: np.ndarray, spec: FeatureSpec, shard_size: int, batch_size: int) -> FeatureStore:
     """Open the store at ``path`` (checking it matches ``plan``) or create it empty."""
     ids = manifest.image_ids
-    if not (path / "zarr.json").is_file():
+    if not FeatureStore.exists(path):
         try:
             return FeatureStore.create(
                 path,
@@ -82,7 +84,7 @@ def open_or_create_store(path: Path, plan: StorePlan, manifest: "Manifest", crop
                 extra_attrs={"extraction": {"batch_size": int(batch_size)}, "skipped": {}},
             )
         except StoreError:
-            if not (path / "zarr.json").is_file():
+            if not FeatureStore.exists(path):
                 raise  # a real error, not a race with another process creating it
     store = FeatureStore.open(path, require_complete=False, expected_hash=plan.config_hash, writable=True)
     check_same(store, plan, ids)
@@ -174,12 +176,25 @@ def compute_shard(
                 x = np.einsum("oc,nchw->nohw", proj, x, optimize=True)
             with np.errstate(over="ignore", invalid="ignore"):  # write_shard refuses non-finite values
                 out[key][sel] = x.astype(np.float16)
-    # Reasons first, then the shard (whose completion marker is set last): a crash in
-    # between can never leave a "complete" shard whose skipped images lost their reasons.
+    store.write_shard(shard, out, valid=valid, mark_complete=False)
+    summary = {"shard": shard, "images": n, "skipped": skipped, "seconds": time.perf_counter() - t0}
     if finish:
-        store.record_skipped(skipped)
-    store.write_shard(shard, out, valid=valid, mark_complete=finish)
-    return {"shard": shard, "images": n, "skipped": skipped, "seconds": time.perf_counter() - t0}
+        finish_shard(store, summary)
+    return summary
+
+
+def finish_shard(store: FeatureStore, summary: dict) -> None:
+    """Finish a shard whose data is written: record its skipped images, then set its completion marker.
+
+    The one place that marks shards done, in process (:func:`compute_shard`) and for
+    Dask workers' results (:func:`flows.features_dask.fan_out_shards`). Reasons first,
+    marker last: a crash in between leaves the shard unfinished (re-extracted by the
+    next run), never a "complete" shard whose skipped images lost their reasons.
+    Not safe for concurrent callers (the skipped list is a read-modify-write of the
+    group attrs): only the process holding the writer lock calls it, one shard at a time.
+    """
+    store.record_skipped(summary["skipped"])
+    store.mark_complete(int(summary["shard"]))
 
 
 # Prefect --------------------------------------------------------------------
@@ -217,7 +232,8 @@ def extract_features(
     data_root: str | Path | None = None,
     deep_check: bool = False,
     fan_out: bool = False,
-) -> Path:
+    store_url: str | None = None,
+) -> "Path | str":
     """Extract (or finish extracting) the hyperfeatures of ``dataset``; returns the store path.
 
     ``backbone`` is a backbone spec for :func:`pipeline.backbones.loading.load_backbone`
@@ -227,9 +243,11 @@ def extract_features(
     shards only) with its recorded batch size; a complete one is left alone.
     Finished shards whose files are missing or damaged (:meth:`FeatureStore.verify`;
     ``deep_check`` also decodes every chunk) are re-extracted like unfinished ones.
-    Holds the store's writer lock throughout (:class:`storage.locks.WriterLock`).
+    Holds the store's writer lock throughout (:func:`storage.locks.writer_lock`: a flock, or a lock object on an object store).
     ``fan_out`` submits the shards to the flow's task runner (a Dask one:
     :func:`flows.features_dask.extract_features_dask`) instead of running them here.
+    ``store_url`` (a folder or an fsspec URL such as ``s3://bucket/prefix``) stands in for
+    ``<home>/features``; the store's path is then a URL string (see :mod:`storage.locations`).
     """
     from pipeline.datasets.crop import crop_boxes
     from pipeline.settings import resolve_device
@@ -249,11 +267,11 @@ def extract_features(
     plan = plan_store(dataset, model, name, spec, manifest)
     if isinstance(backbone, str):  # the next no-op run finds the store without loading the model
         remember_backbone(home, backbone, plan.config["backbone"], model.default_layers())
-    path = Workspace(home).feature_store(dataset, name, plan.config_hash)
+    path = feature_store_location(home, dataset, name, plan.config_hash, store_url)
     boxes = np.asarray(crop_boxes(manifest.boxes(), spec.crop_margin), dtype=np.float32)
     # One writer per store: a second `uld features` on the same configuration would
     # otherwise rewrite the same shards and race on the skipped-images attrs.
-    with WriterLock(path, "feature store"):
+    with writer_lock(path, "feature store"):
         store = open_or_create_store(path, plan, manifest, boxes, spec, shard_size, batch_size)
         fatal = [p for p in store.verify(deep=deep_check) if not p.repairable]
         if fatal:
@@ -266,6 +284,7 @@ def extract_features(
         if not todo:
             print(f"features already complete: {path}")
             check_usable(store)
+            _remember(home, dataset, manifest, store)
             return path
         recorded = int(store.attrs.get("extraction", {}).get("batch_size", batch_size))
         if recorded != batch_size:
@@ -288,7 +307,14 @@ def extract_features(
         if not store.is_complete():  # only if a file vanished again meanwhile
             raise StoreError("feature store is still incomplete after extraction", where=str(path), fix="re-run the same `uld features` command")
         check_usable(store)
+        _remember(home, dataset, manifest, store)
     return path
+
+
+def _remember(home: Path, dataset: str, manifest: "Manifest", store: FeatureStore) -> None:
+    """Record the manifests and the finished store so the next no-op `uld features` needs neither pandas nor Zarr."""
+    remember_manifest(home, dataset, manifest)
+    remember_complete(home, store)
 
 
 def complete_store_path(
@@ -299,7 +325,8 @@ def complete_store_path(
     device: str = "cpu",
     data_root: str | Path | None = None,
     deep: bool = False,
-) -> Path | None:
+    store_url: str | None = None,
+) -> "Path | str | None":
     """The path of the finished store for this configuration, or None if there is work left.
 
     Plain function (no Prefect): the CLI calls it first so a no-op re-run costs
@@ -313,7 +340,7 @@ def complete_store_path(
     spec = spec or FeatureSpec()
     if isinstance(backbone, str):
         # A recorded identity (unchanged backbone files) finds a finished store without the model.
-        found = recorded_store_path(dataset, backbone, spec, home=home, data_root=data_root, deep=deep)
+        found = recorded_store_path(dataset, backbone, spec, home=home, data_root=data_root, deep=deep, store_url=store_url)
         if found is not None:
             return found
     manifest = load_manifests(home, dataset, data_root)
@@ -326,14 +353,17 @@ def complete_store_path(
     plan = plan_store(dataset, model, name, spec, manifest)
     if isinstance(backbone, str):
         remember_backbone(home, backbone, plan.config["backbone"], model.default_layers())
-    path = Workspace(Path(home)).feature_store(dataset, name, plan.config_hash)
-    if not (path / "zarr.json").is_file():
+    path = feature_store_location(home, dataset, name, plan.config_hash, store_url)
+    if not FeatureStore.exists(path):
         return None
     store = FeatureStore.open(path, require_complete=False, expected_hash=plan.config_hash)
     check_same(store, plan, manifest.image_ids)
     if deep and store.verify(deep=True):
         return None
-    return path if store.is_complete() else None
+    if not store.is_complete():
+        return None
+    _remember(Path(home), dataset, manifest, store)
+    return path
 
 
 def open_features(
@@ -342,6 +372,7 @@ def open_features(
     backbone: "str | DiffusionBackbone",
     spec: FeatureSpec | None = None,
     device: str = "cpu",
+    store_url: str | None = None,
 ) -> FeatureStore:
     """The complete feature store of (dataset, backbone, spec), read-only.
 
@@ -357,9 +388,9 @@ def open_features(
     else:
         name, model = backbone.name, backbone
     plan = plan_store(dataset, model, name, spec, manifest)
-    path = Workspace(Path(home)).feature_store(dataset, name, plan.config_hash)
-    cmd = f"uld --home {home} features --dataset {dataset} --backbone {name}"
-    if not (path / "zarr.json").is_file():
+    path = feature_store_location(home, dataset, name, plan.config_hash, store_url)
+    cmd = f"uld --home {home} features --dataset {dataset} --backbone {name}" + (f" --store-url {store_url}" if store_url else "")
+    if not FeatureStore.exists(path):
         raise StoreError(
             f"no features cached for dataset {dataset!r} with backbone {name!r} and this feature configuration",
             where=str(path),
@@ -387,7 +418,8 @@ def verify_features(
     device: str = "cpu",
     data_root: str | Path | None = None,
     deep: bool = False,
-) -> tuple[Path, list[StoreProblem]]:
+    store_url: str | None = None,
+) -> "tuple[Path | str, list[StoreProblem]]":
     """The store of this configuration and its problems (:meth:`FeatureStore.verify`); writes nothing.
 
     Raises :class:`StoreError` when no store exists for the configuration.
@@ -401,12 +433,12 @@ def verify_features(
     else:
         name, model = backbone.name, backbone
     plan = plan_store(dataset, model, name, spec, manifest)
-    path = Workspace(Path(home)).feature_store(dataset, name, plan.config_hash)
-    if not (path / "zarr.json").is_file():
+    path = feature_store_location(home, dataset, name, plan.config_hash, store_url)
+    if not FeatureStore.exists(path):
         raise StoreError(
             f"no features cached for dataset {dataset!r} with backbone {name!r} and this feature configuration",
             where=str(path),
-            fix=f"run `uld --home {home} features --dataset {dataset} --backbone {name}` (same options) first",
+            fix=f"run `uld --home {home} features --dataset {dataset} --backbone {name}{f' --store-url {store_url}' if store_url else ''}` (same options) first",
         )
     store = FeatureStore.open(path, require_complete=False, expected_hash=plan.config_hash)
     check_same(store, plan, manifest.image_ids)

@@ -14,7 +14,7 @@ missing shards are computed changes:
   no two workers ever write the same file (the store's arrays are chunked per
   shard: see :mod:`storage.features`).
 * **The coordinator keeps the writer lock and the group attributes.** The flow's
-  process holds :class:`storage.locks.WriterLock` for the whole run (the lock is an
+  process holds the store's writer lock (:func:`storage.locks.writer_lock`) for the whole run (an
   advisory ``flock``: it keeps a second *uld command* out, and does not stop the
   workers this command dispatched). Workers never touch the group attrs (a
   read-modify-write there would race): they return the shard's skipped images,
@@ -180,7 +180,7 @@ def extract_shard_on_worker(
     _, threads = _worker_info()
     torch.set_num_threads(threads)  # the worker's thread budget, not every core of the host
     model = backbone.load() if isinstance(backbone, BackboneRef) else backbone
-    store = FeatureStore.open(Path(store_path), require_complete=False, writable=True)
+    store = FeatureStore.open(store_path, require_complete=False, writable=True)  # a path or an fsspec URL
     return compute_shard(store, shard, model, spec, layers, paths, batch_size, skip_bad, finish=False)
 
 
@@ -198,9 +198,11 @@ def fan_out_shards(
 
     Must run inside a flow whose task runner is :func:`dask_task_runner`'s.
     All shards are computed concurrently; each result is then finished here, one
-    at a time (this process is the only writer of the group attrs): its skipped
-    images are recorded, then its marker is set.
+    at a time (this process is the only writer of the group attrs) by
+    :func:`flows.features.finish_shard`, as in-process shards are.
     """
+    from flows.features import finish_shard
+
     futures = [
         extract_shard_on_worker.submit(str(store.path), shard, backbone, spec, layers, paths, batch_size, skip_bad)
         for shard in todo
@@ -215,10 +217,7 @@ def fan_out_shards(
         except Exception as err:  # noqa: BLE001 -- re-raised below, after the other shards
             first_error = first_error or err
             continue
-        # Reasons first, then the marker: a crash in between leaves the shard unfinished, never
-        # a "complete" shard whose skipped images lost their reasons.
-        store.record_skipped(summary["skipped"])
-        store.mark_complete(shard)
+        finish_shard(store, summary)
         summaries.append(summary)
     if first_error is not None:
         raise first_error
@@ -233,7 +232,7 @@ def extract_features_dask(
     dask_address: str | None = None,
     dask_workers: int | None = None,
     **options: Any,
-) -> Path:
+) -> "Path | str":
     """:func:`flows.features.extract_features` with its shards fanned out over Dask; returns the store path.
 
     ``options`` are the flow's other keyword arguments (``home``, ``device``,

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.errors import StoreError
 from storage.features import FeatureStore
+from storage.locations import is_url
 
 DEFAULT_BLOCK = 16
 
@@ -53,7 +54,8 @@ class FeatureDataset(Dataset):
         block: int | None = None,
     ) -> None:
         self._store: FeatureStore | None = store if isinstance(store, FeatureStore) else None
-        self.path = Path(store.path if isinstance(store, FeatureStore) else store)
+        # A local Path, or the URL of a store on an object store (each worker process opens it itself).
+        self.path = store.path if isinstance(store, FeatureStore) else (store if is_url(store) else Path(store))
         st = self.store
         self.keys = list(st.keys if keys is None else keys)
         st._check_keys(self.keys)

@@ -20,7 +20,10 @@
       ablations/<id>/                            `uld ablation`: ablation.parquet + ablation.md
       cache/backbone-identities.json             backbone identities by file content (storage.backbone_identities)
 
-Paths are computed here and nowhere else.
+Paths are computed here and nowhere else. A feature store may also live under
+an fsspec URL (``uld features --store-url s3://bucket/prefix``): then it is
+``<url>/<dataset>/<backbone>.zarr/<config_hash>``, the same layout below the URL
+(:func:`feature_store_location`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import ConfigError
+from storage.locations import is_url, join
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -110,3 +114,15 @@ class Workspace:
     # caches ---------------------------------------------------------------
     def backbone_identities(self) -> Path:
         return self.home / "cache" / "backbone-identities.json"
+
+
+def feature_store_location(home: str | Path, dataset: str, backbone: str, config_hash: str, store_url: str | None = None) -> Path | str:
+    """Where the store of (dataset, backbone, config hash) lives: the workspace's ``features/`` or below ``store_url``.
+
+    ``store_url`` is a local folder or an fsspec URL standing in for ``<home>/features``;
+    a URL gives a URL string, a local location a Path.
+    """
+    if store_url is None:
+        return Workspace(Path(home)).feature_store(dataset, backbone, config_hash)
+    root = join(store_url, check_name("dataset", dataset), f"{check_name('backbone', backbone)}.zarr", check_name("config hash", config_hash))
+    return root if is_url(store_url) else Path(root)

@@ -21,20 +21,53 @@ Two ways to hold a lock:
   part-way through), decorate the function with :func:`releases_claims` and call
   :func:`claim` once the path is known; every claimed lock is released when the
   decorated call returns or raises.
+
+Object stores (a feature store at ``s3://...``, ``gs://...``) have no flock:
+:func:`writer_lock` gives an :class:`ObjectLock` there, a lock *object*
+``.<name>.lock`` beside the store holding its owner (host, pid, a random token)
+and an expiry. It is created only if absent (S3's and GCS's conditional PUT),
+renewed by a background thread every third of its lifetime, and deleted on
+release. Its limits, unlike flock's:
+
+* a holder that dies leaves the object until it expires (``ULD_LOCK_TTL_S``,
+  default 300 s); a second writer is refused until then, with the owner and the
+  expiry time in the message, and then takes it over;
+* a holder that cannot renew for a whole lifetime (a frozen machine, a network
+  partition) can lose its lock to another writer without noticing at once: the
+  renewal notices and logs it, but the writes in flight are not stopped;
+* taking over an expired lock and releasing one are read-then-delete (object
+  stores have no compare-and-delete for ordinary buckets), so two writers that
+  break the same expired lock in the same instant can both proceed;
+* on a file system without exclusive creation the create is check-then-write,
+  and the same race applies.
+
+It excludes writers for the usual case, a second ``uld features`` started while
+one runs; it is not a consensus protocol.
 """
 
 from __future__ import annotations
 
 import contextvars
+import datetime as _dt
 import fcntl
 import functools
+import json
+import logging
 import os
+import socket
+import threading
+import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 from pipeline.errors import BusyError
+from storage.locations import FsspecFiles, is_url, split_parent
+
+log = logging.getLogger(__name__)
+DEFAULT_TTL_S = 300.0
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -142,3 +175,130 @@ def claim(target: str | Path, what: str = "folder") -> WriterLock:
     lock = WriterLock(target, what).acquire()
     held.append(lock)
     return lock
+
+
+def _ttl_s() -> float:
+    try:
+        ttl = float(os.environ.get("ULD_LOCK_TTL_S", DEFAULT_TTL_S))
+    except ValueError:
+        ttl = DEFAULT_TTL_S
+    return max(ttl, 1.0)
+
+
+def _iso(t: float) -> str:
+    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class ObjectLock:
+    """A writer lock on an object store: a lock object with owner and expiry (see the module docstring)."""
+
+    def __init__(self, target: str, what: str = "folder", ttl_s: float | None = None) -> None:
+        self.target = str(target)
+        self.what = what
+        parent, name = split_parent(self.target)
+        self.lock_name = f".{name}.lock"
+        self.lock_file = f"{parent}/{self.lock_name}"
+        self._files = FsspecFiles(str(parent))
+        self.ttl_s = float(ttl_s) if ttl_s is not None else _ttl_s()
+        self.token = uuid.uuid4().hex
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+        self.lost = False
+
+    @property
+    def held(self) -> bool:
+        return self._stop is not None
+
+    def _record(self) -> bytes:
+        now = time.time()
+        return json.dumps({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+                           "target": self.target, "renewed": _iso(now), "expires_at": now + self.ttl_s}).encode()
+
+    def read_owner(self) -> dict | None:
+        """The lock object's content, None when there is none (or it is unreadable)."""
+        try:
+            return json.loads(self._files.read(self.lock_name))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _create(self) -> bool:
+        record = self._record()
+        try:
+            self._files.write(self.lock_name, record, exclusive=True)
+            return True
+        except FileExistsError:
+            return False
+        except (TypeError, NotImplementedError, ValueError):
+            # This file system has no exclusive create: check, then write (the race the module doc names).
+            if self._files.is_file(self.lock_name):
+                return False
+            self._files.write(self.lock_name, record)
+            return True
+
+    def acquire(self) -> "ObjectLock":
+        """Take the lock or raise :class:`BusyError` naming the holder and when its lock expires (never waits)."""
+        if self.held:
+            return self
+        if not self._create():
+            owner = self.read_owner()
+            expired = owner is None or float(owner.get("expires_at", 0)) < time.time()
+            # An expired (or unreadable) lock object is a dead holder's: break it and try once more.
+            if not (expired and self._take_over(owner)):
+                owner = self.read_owner() or {}
+                raise BusyError(
+                    f"another uld process is writing {self.target} (pid {owner.get('pid', 'unknown')} on {owner.get('host', 'unknown host')})",
+                    where=self.lock_file,
+                    fix=f"wait for that process to finish or stop it, then re-run; a lock left by a process that died expires at "
+                    f"{_iso(float(owner.get('expires_at', time.time())))} (ULD_LOCK_TTL_S) and is then taken over "
+                    f"(this {self.what} has one writer at a time)",
+                )
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name=f"uld-lock-{self.lock_name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def _take_over(self, seen: dict | None) -> bool:
+        now = self.read_owner()
+        if now is not None and seen is not None and now.get("token") != seen.get("token"):
+            return False  # someone else took it over (or renewed it) meanwhile
+        self._files.remove(self.lock_name)
+        return self._create()
+
+    def _renew(self) -> None:
+        assert self._stop is not None
+        while not self._stop.wait(self.ttl_s / 3):
+            owner = self.read_owner()
+            if owner is None or owner.get("token") != self.token:
+                self.lost = True
+                log.warning("lost the writer lock of %s (its lock object was removed or taken over)", self.target)
+                return
+            try:
+                self._files.write(self.lock_name, self._record())
+            except OSError as exc:  # transient: the next round tries again, within the lifetime
+                log.warning("could not renew the writer lock of %s: %s", self.target, exc)
+
+    def release(self) -> None:
+        if self._stop is None:
+            return
+        stop, self._stop = self._stop, None
+        stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        owner = self.read_owner()
+        if owner is not None and owner.get("token") == self.token:
+            self._files.remove(self.lock_name)
+
+    def __enter__(self) -> "ObjectLock":
+        return self.acquire()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"ObjectLock({self.target!r}, held={self.held})"
+
+
+def writer_lock(target: str | Path, what: str = "folder") -> "WriterLock | ObjectLock":
+    """The writer lock for ``target``: a flock for a local path, a lock object for an fsspec URL."""
+    return ObjectLock(str(target), what) if is_url(target) else WriterLock(target, what)

@@ -131,7 +131,6 @@ def read_rows(path: Path, layout: RawShardLayout, first: int, last: int, out: np
     the store's fill value. Raises ``ValueError`` for a truncated file, an
     index or chunk whose CRC32C does not match, or a chunk of unexpected size.
     """
-    crc = _crc32c()
     n = last - first
     if out is None:
         out = np.empty((n, *layout.chunk_shape[1:]), layout.dtype)
@@ -143,20 +142,10 @@ def read_rows(path: Path, layout: RawShardLayout, first: int, last: int, out: np
         if size < layout.index_nbytes:
             raise ValueError(f"shard file truncated ({size} bytes)")
         raw_index = os.pread(fd, layout.index_nbytes, size - layout.index_nbytes)
-        if len(raw_index) != layout.index_nbytes or crc.value(raw_index) != _RESIDUE:
-            raise ValueError("shard index checksum mismatch")
-        entries = np.frombuffer(raw_index, "<u8", count=2 * layout.chunks_per_shard).reshape(-1, 2)[first:last]
-        present = entries[:, 0] != _EMPTY
-        out[~present] = 0  # the store's fill value (rows written below need no clearing)
-        if not present.any():
+        located = _locate(raw_index, layout, size, first, last, out)
+        if located is None:
             return out
-        offsets = entries[present, 0].astype(np.int64)
-        sizes = entries[present, 1].astype(np.int64)
-        if (sizes != layout.chunk_nbytes).any():
-            raise ValueError("chunk of unexpected size (not the uncompressed layout)")
-        if int((offsets + sizes).max()) > size - layout.index_nbytes:
-            raise ValueError("chunk extends past the shard's data")
-        rows = np.flatnonzero(present)
+        rows, offsets = located
         flat = out.reshape(n, -1).view(np.uint8)
         nb = layout.chunk_nbytes
         native = _native_crc32c()
@@ -167,13 +156,71 @@ def read_rows(path: Path, layout: RawShardLayout, first: int, last: int, out: np
             # One pread per chunk: the kernel's copy gives a bytes object, the only buffer the
             # CRC32C routine accepts (it refuses numpy / memoryview ones), so no extra copy.
             chunk = os.pread(fd, nb, off)
-            if len(chunk) != nb:
-                raise ValueError(f"shard file ends inside the chunk of image {first + row} of the shard")
-            if crc.value(chunk) != _RESIDUE:
-                raise ValueError(f"chunk checksum mismatch (image {first + row} of the shard)")
+            _check_chunk(chunk, nb, first + row)
             flat[row] = np.frombuffer(chunk, np.uint8, count=nb - 4)
     finally:
         os.close(fd)
+    return out
+
+
+def _locate(raw_index: bytes, layout: RawShardLayout, size: int, first: int, last: int, out: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Check the shard index; zero the rows without a chunk; (rows, offsets) of the others, or None if none."""
+    crc = _crc32c()
+    if len(raw_index) != layout.index_nbytes or crc.value(raw_index) != _RESIDUE:
+        raise ValueError("shard index checksum mismatch")
+    entries = np.frombuffer(raw_index, "<u8", count=2 * layout.chunks_per_shard).reshape(-1, 2)[first:last]
+    present = entries[:, 0] != _EMPTY
+    out[~present] = 0  # the store's fill value (rows written below need no clearing)
+    if not present.any():
+        return None
+    offsets = entries[present, 0].astype(np.int64)
+    sizes = entries[present, 1].astype(np.int64)
+    if (sizes != layout.chunk_nbytes).any():
+        raise ValueError("chunk of unexpected size (not the uncompressed layout)")
+    if int((offsets + sizes).max()) > size - layout.index_nbytes:
+        raise ValueError("chunk extends past the shard's data")
+    return np.flatnonzero(present), offsets
+
+
+def _check_chunk(chunk: bytes, nb: int, image: int) -> None:
+    if len(chunk) != nb:
+        raise ValueError(f"shard file ends inside the chunk of image {image} of the shard")
+    if _crc32c().value(chunk) != _RESIDUE:
+        raise ValueError(f"chunk checksum mismatch (image {image} of the shard)")
+
+
+def read_rows_ranged(files: Any, rel: str, layout: RawShardLayout, first: int, last: int, out: np.ndarray | None = None) -> np.ndarray:
+    """:func:`read_rows` through ranged reads of ``files`` (a :class:`storage.locations.Files`): object stores.
+
+    Two requests per shard whatever the number of images: the index (the
+    object's last bytes), then one range spanning the requested chunks; every
+    CRC32C is checked as in :func:`read_rows`. Raises FileNotFoundError when the
+    shard object does not exist (the caller decides whether that is damage).
+    """
+    n = last - first
+    if out is None:
+        out = np.empty((n, *layout.chunk_shape[1:]), layout.dtype)
+    if n <= 0:
+        return out
+    size = files.size(rel)
+    if size is None:
+        raise FileNotFoundError(files.show(rel))
+    if size < layout.index_nbytes:
+        raise ValueError(f"shard file truncated ({size} bytes)")
+    raw_index = files.read_range(rel, size - layout.index_nbytes, layout.index_nbytes)
+    located = _locate(raw_index, layout, size, first, last, out)
+    if located is None:
+        return out
+    rows, offsets = located
+    nb = layout.chunk_nbytes
+    lo, hi = int(offsets.min()), int(offsets.max()) + nb
+    span = files.read_range(rel, lo, hi - lo)
+    flat = out.reshape(n, -1).view(np.uint8)
+    for row, off in zip(rows.tolist(), offsets.tolist()):
+        a = off - lo
+        chunk = span[a : a + nb]
+        _check_chunk(chunk, nb, first + row)
+        flat[row] = np.frombuffer(chunk, np.uint8, count=nb - 4)
     return out
 
 

@@ -112,3 +112,107 @@ def test_cli_no_op_imports_neither_torch_nor_prefect(prefect_harness, tmp_path):
     assert "nothing to do" in out.stdout
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"code": 0, "torch": False, "prefect": False}
+
+
+def _no_op_cli(home: Path, bb: str, tmp_path: Path) -> tuple[str, dict]:
+    """Run the no-op `uld features` in a fresh process: its stdout (less the time line) and which heavy modules it imported."""
+    code = (
+        "import sys, json\nfrom flows.cli import main\n"
+        f"sys.argv = ['uld', '--home', {str(home)!r}, 'features', '-d', 'toy', '-b', {bb!r}, '--size', '32', '--timesteps', '10', '--crop-margin', '0.1']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print(json.dumps({m: m in sys.modules for m in ('torch', 'prefect', 'pandas', 'zarr', 'numpy')}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300,
+                         env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PREFECT_HOME": str(tmp_path / "p")})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    return "\n".join(line for line in lines[:-1] if not line.startswith("time:")), json.loads(lines[-1])
+
+
+def test_recorded_no_op_needs_neither_pandas_nor_zarr_and_still_sees_damage(prefect_harness, tmp_path):
+    import os
+
+    from flows.feature_plan import recorded_no_op
+    from flows.features import extract_features
+    from storage.completion_cache import recorded_manifest
+
+    home = tmp_path / "ws"
+    _toy(home, tmp_path / "images")
+    bb = make_backbone(tmp_path / "bb", seed=0)
+    path = extract_features("toy", bb, SPEC, home=home, shard_size=4)  # records manifests and the finished store
+    cache = home / "cache"
+    assert (cache / "complete-stores.json").is_file() and (cache / "manifest-fingerprints.json").is_file()
+
+    fast, modules = _no_op_cli(home, bb, tmp_path)
+    assert "nothing to do" in fast and str(path) in fast
+    assert modules == {"torch": False, "prefect": False, "pandas": False, "zarr": False, "numpy": False}
+    found = recorded_no_op("toy", bb, SPEC, home=home)
+    assert found is not None and found[0] == path and found[1] is not None  # answered by the record
+
+    # Without the records, the ordinary check prints the same lines (and writes the records again).
+    (cache / "complete-stores.json").unlink()
+    (cache / "manifest-fingerprints.json").unlink()
+    slow, modules = _no_op_cli(home, bb, tmp_path)
+    assert slow == fast and modules["zarr"] and modules["pandas"] and not modules["torch"]
+    assert recorded_no_op("toy", bb, SPEC, home=home)[1] is not None
+
+    # A shard index damaged in place, size and mtime put back: the stat matches, its CRC32C does not.
+    shard = next((path / "features").rglob("c/1/0/0/0"))
+    st = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    with open(shard, "r+b") as fh:  # in place: same inode
+        fh.write(data)
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert recorded_no_op("toy", bb, SPEC, home=home) is None  # the ordinary check finds it damaged
+    data[-10] ^= 0xFF
+    with open(shard, "r+b") as fh:
+        fh.write(data)
+    # A deleted shard file: not finished.
+    saved = shard.read_bytes()
+    shard.unlink()
+    assert recorded_no_op("toy", bb, SPEC, home=home) is None
+    shard.write_bytes(saved)
+    assert recorded_no_op("toy", bb, SPEC, home=home) is not None
+
+    # A rewritten manifest (a new file, even with the same content) is not trusted from the record.
+    from storage.layout import Workspace
+
+    train = Workspace(home).manifest("toy", "train")
+    paths = [train, Workspace(home).manifest("toy", "test")]
+    assert recorded_manifest(home, "toy", paths) is not None
+    body = train.read_bytes()
+    train.unlink()
+    train.write_bytes(body)
+    assert recorded_manifest(home, "toy", paths) is None
+    assert recorded_no_op("toy", bb, SPEC, home=home) is not None  # same content: the ordinary path agrees
+    assert recorded_manifest(home, "toy", paths) is not None  # and records it again
+
+
+def test_invoked_command_skips_root_options_and_their_values():
+    from flows.cli import invoked_command
+
+    assert invoked_command(["--home", "features", "features", "-d", "toy"]) == "features"  # --home's value is not the command
+    assert invoked_command(["--home=/w", "--seed", "3", "zeroshot"]) == "zeroshot"
+    assert invoked_command(["--help"]) is None and invoked_command([]) is None
+
+
+def test_store_url_as_a_local_folder_gives_the_same_bytes_and_records_the_no_op(prefect_harness, tmp_path):
+    from flows.feature_plan import recorded_no_op
+    from flows.features import extract_features
+    from storage.features import FeatureStore
+
+    home = tmp_path / "ws"
+    _toy(home, tmp_path / "images")
+    bb = make_backbone(tmp_path / "bb", seed=0)
+    default = extract_features("toy", bb, SPEC, home=home, shard_size=4)
+    elsewhere = extract_features("toy", bb, SPEC, home=home, shard_size=4, store_url=str(tmp_path / "elsewhere"))
+    # Same layout below the folder as below <home>/features, same hash, same bytes in every file.
+    assert elsewhere == tmp_path / "elsewhere" / default.relative_to(home / "features")
+    files = sorted(p.relative_to(default) for p in default.rglob("*") if p.is_file() and p.name != "zarr.json")
+    assert files == sorted(p.relative_to(elsewhere) for p in elsewhere.rglob("*") if p.is_file() and p.name != "zarr.json")
+    assert all((default / f).read_bytes() == (elsewhere / f).read_bytes() for f in files)
+    a, b = FeatureStore.open(default), FeatureStore.open(elsewhere)
+    assert a.config == b.config and a.config_hash == b.config_hash
+    found = recorded_no_op("toy", bb, SPEC, home=home, store_url=str(tmp_path / "elsewhere"))
+    assert found is not None and found[0] == elsewhere and found[1] is not None  # answered by the completion record

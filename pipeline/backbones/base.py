@@ -21,8 +21,9 @@ if TYPE_CHECKING:  # torch is imported on use: FeatureSpec is needed by every CL
 
 
 def _current_crop_rule() -> int:
-    # Imported on use: the contract stays cheap to import and independent of the datasets package.
-    from pipeline.datasets.crop import CROP_RULE
+    # Not from pipeline.datasets.crop (which re-exports it): that would import the datasets
+    # package, pandas included, into every command that only names a store.
+    from pipeline.crop_rule import CROP_RULE
 
     return CROP_RULE
 

@@ -41,10 +41,9 @@ from pipeline.datasets.base import Manifest
 from pipeline.datasets.images import read_image
 from pipeline.errors import ConfigError, DatasetError
 
-#: Version of the rule that turns (image, crop box, size) into crop pixels; it is
-#: part of every FeatureSpec (hence of feature-store names), so stores made with
-#: an older rule are never reused. 1 = edge replication, 2 = mean-colour fill.
-CROP_RULE = 2
+# The crop rule's version (1 = edge replication, 2 = mean-colour fill) lives in a module of its
+# own so FeatureSpec can name stores without importing this one; re-exported here.
+from pipeline.crop_rule import CROP_RULE  # noqa: E402,F401
 
 #: The crop margin (fraction of the longer object side added on each side) of every
 #: stage: features, the methods' RoIs, the contact sheets and `uld datasets show`, so
