@@ -50,6 +50,7 @@ def register(app: typer.Typer) -> None:
         candidates: Optional[int] = typer.Option(None, "--candidates", help="k-means clusters M; the K most compact ones present in most training images become the landmarks (pipeline/clustering/selection.py). Default 4 x K; --candidates K = the paper's plain K-means."),
         min_presence: float = typer.Option(0.8, "--min-presence", help="With --candidates > K: keep only clusters present in at least this fraction of the training images."),
         min_coherence: Optional[float] = typer.Option(None, "--min-coherence", help="With --candidates > K: prefer clusters whose position across images follows the other clusters' shared motion at least this much (R^2 in [0, 1]); drops compact clusters parked at fixed crop positions (background, crop borders). Default: flows.zeroshot.MIN_COHERENCE."),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
         roi: str = typer.Option("box", "--roi", help="Pixels sampled and labelled: `box` = inside the object box (the paper's RoI); `foreground` = also drop what an unsupervised two-cluster split of each crop's features calls background (measured in bench/results/zeroshot_selection.md: not better than the box with the cluster choice)."),
     ) -> None:
         """Cluster hyperfeatures of random RoI pixels into K landmarks; label test pixels; evaluate.
@@ -83,7 +84,7 @@ def register(app: typer.Typer) -> None:
             store_path=store, n_test_samples=test_samples, proj_dim=proj_dim, max_train_images=max_train_images,
             batch_size=batch_size, n_init=n_init, max_iter=max_iter, evaluate=evaluate,
             eval_cfg=eval_cfg, device=resolve_device(s.device), force=force, roi=roi,
-            n_candidates=candidates, min_presence=min_presence, min_coherence=min_coherence,
+            n_candidates=candidates, min_presence=min_presence, min_coherence=min_coherence, progress=progress,
         )
         print_metrics(s.home, rid)
         typer.echo(f"time: {time.perf_counter() - t0:.1f} s")

@@ -146,7 +146,7 @@ def _check_run_config(home: Path, run_id: str, config: dict, force: bool) -> Non
 
 # ------------------------------------------------------------ tasks
 @task(name="zeroshot-sample", cache_policy=NO_CACHE, persist_result=False)
-def sample_task(home: Path, run_id: str, dataset: str, store_path: Path, cfg: dict, force: bool) -> Path:
+def sample_task(home: Path, run_id: str, dataset: str, store_path: Path, cfg: dict, force: bool, progress: bool = True) -> Path:
     """Descriptors of random RoI pixels of the training images -> train_descriptors.npy."""
     from pipeline.methods.zeroshot import ZeroShot
 
@@ -157,7 +157,7 @@ def sample_task(home: Path, run_id: str, dataset: str, store_path: Path, cfg: di
     idx = split_indices(store, "train", cfg["max_train_images"], cfg["seed"])
     model = ZeroShot(**cfg["model"])
     masks = object_masks(store, idx, cfg["roi"], cfg["batch_size"])
-    desc, owner, xy = model.sample_descriptors(iter_batches(store, idx, cfg["batch_size"]), store_rois(home, dataset, store, idx), masks=masks)
+    desc, owner, xy = model.sample_descriptors(iter_batches(store, idx, cfg["batch_size"]), store_rois(home, dataset, store, idx), progress, masks=masks)
     samples = Workspace(home).run_file(run_id, "zeroshot/train_samples.npz")
     with atomic_path(samples) as tmp:
         with open(tmp, "wb") as fh:
@@ -211,7 +211,8 @@ def quality_task(home: Path, run_id: str, dataset: str, desc_path: Path, model_d
 
 
 @task(name="zeroshot-predict", task_run_name="predict-{split}", cache_policy=NO_CACHE, persist_result=False)
-def predict_task(home: Path, run_id: str, dataset: str, store_path: Path, model_dir: Path, split: str, cfg: dict, force: bool) -> Path:
+def predict_task(home: Path, run_id: str, dataset: str, store_path: Path, model_dir: Path, split: str, cfg: dict, force: bool,
+                 progress: bool = True) -> Path:
     """Landmarks of one split's images -> keypoints.parquet (original pixels)."""
     from flows.results import read_keypoints
     from pipeline.methods.zeroshot import ZeroShot
@@ -226,7 +227,7 @@ def predict_task(home: Path, run_id: str, dataset: str, store_path: Path, model_
     idx = split_indices(store, split, limit, cfg["seed"])
     model = ZeroShot.from_pretrained(model_dir)
     masks = object_masks(store, idx, cfg["roi"], cfg["batch_size"])
-    lms = model.predict(iter_batches(store, idx, cfg["batch_size"]), store_rois(home, dataset, store, idx), masks=masks)
+    lms = model.predict(iter_batches(store, idx, cfg["batch_size"]), store_rois(home, dataset, store, idx), progress, masks=masks)
     return write_keypoints(home, run_id, METHOD, STAGE, 0, store, idx, lms)
 
 
@@ -265,6 +266,7 @@ def zeroshot(
     n_candidates: int | None = None,
     min_presence: float = 0.8,
     min_coherence: float | None = None,
+    progress: bool = True,
 ) -> str:
     """ZeroShot (001, Sec 3.1) on a cached feature store; returns the run id.
 
@@ -314,11 +316,12 @@ def zeroshot(
         "evaluation": dict(eval_cfg or {}),
     }
     _check_run_config(home, run_id, cfg, force)
-    desc_path = sample_task(home, run_id, dataset, store.path, cfg, force)
+    # progress only shows bars: it is not part of the run's configuration (nor of its resume check)
+    desc_path = sample_task(home, run_id, dataset, store.path, cfg, force, progress)
     model_dir = kmeans_task(home, run_id, desc_path, cfg, force)
     quality_task(home, run_id, dataset, desc_path, model_dir, cfg, force)
     for split in ("train", "test"):
-        predict_task(home, run_id, dataset, store.path, model_dir, split, cfg, force)
+        predict_task(home, run_id, dataset, store.path, model_dir, split, cfg, force, progress)
     if evaluate:
         evaluate_task(home, run_id, dataset, METHOD, STAGE, 0, {"seed": int(seed), **(eval_cfg or {})})
     write_sheet(home, run_id, dataset, store, METHOD, STAGE, "ZeroShot")

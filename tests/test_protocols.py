@@ -174,8 +174,8 @@ def test_zeroshot_rerun_under_another_protocol_adds_its_rows(workspace, prefect_
     store = build_workspace(workspace, make_toy(30, 12, seed=4))
     common = dict(home=workspace.home, seed=0, run_id="zs", store_path=store.path, n_init=1, batch_size=8)
     zeroshot("toyparts", "toy", None, N_PARTS + 1, 60, eval_cfg={"n_regressor_images": 20, "repeats": 2}, **common)
-    # evaluation settings are not part of the method's configuration: the same run, more rows
-    zeroshot("toyparts", "toy", None, N_PARTS + 1, 60, eval_cfg={"protocol": "mallis", "box": "image"}, **common)
+    # evaluation settings (and progress bars) are not part of the method's configuration: the same run, more rows
+    zeroshot("toyparts", "toy", None, N_PARTS + 1, 60, eval_cfg={"protocol": "mallis", "box": "image"}, progress=False, **common)
     m = metrics_table(workspace.home, "zs")
     fwd = m[m["metric"] == "nme_forward"]
     assert set(zip(fwd["protocol"], fwd["box"])) == {("paper", "landmarks"), ("mallis", "image")}
