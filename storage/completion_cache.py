@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 
 _VERSION = 1
 _MAX_STORES = 200  # oldest records are dropped beyond this: the file stays small
-# CRC-32C of any message followed by its own CRC-32C (little-endian): see storage.shard_reader.
-_RESIDUE = 0x48674BC7
 
 
 def _stat_key(path: Path) -> list[int]:
@@ -67,7 +65,7 @@ def _write(path: Path, data: dict) -> bool:
 def _cache_dir(home: str | Path) -> Path:
     from storage.layout import Workspace
 
-    return Workspace(Path(home)).backbone_identities().parent
+    return Workspace(Path(home)).cache_dir()
 
 
 # manifests ---------------------------------------------------------------------
@@ -152,16 +150,13 @@ def recorded_complete(home: str | Path, path: Path, config_hash: str, config: di
 
 def _indexes_sound(root: Path, indexes: dict[str, Any]) -> bool:
     """Every shard index (the last ``n`` bytes of its file) still passes its CRC32C, as the cheap check reads it."""
-    if not indexes:
-        return True
-    try:
-        import google_crc32c
-    except ImportError:
-        return False  # cannot check: let the ordinary path decide
+    from storage.crc32c import self_checks
+
     for rel, n in indexes.items():
         with open(root / rel, "rb") as fh:
             fh.seek(-int(n), os.SEEK_END)
             raw = fh.read(int(n))
-        if len(raw) != int(n) or google_crc32c.value(raw) != _RESIDUE:
+        # None (no CRC32C implementation): cannot check, let the ordinary path decide
+        if len(raw) != int(n) or not self_checks(raw):
             return False
     return True

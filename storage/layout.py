@@ -112,8 +112,12 @@ class Workspace:
         return self.home / "ablations" / check_name("ablation id", ablation_id)
 
     # caches ---------------------------------------------------------------
+    def cache_dir(self) -> Path:
+        """Records that only save work (backbone identities, no-op records): safe to delete."""
+        return self.home / "cache"
+
     def backbone_identities(self) -> Path:
-        return self.home / "cache" / "backbone-identities.json"
+        return self.cache_dir() / "backbone-identities.json"
 
 
 def feature_store_location(home: str | Path, dataset: str, backbone: str, config_hash: str, store_url: str | None = None) -> Path | str:

@@ -28,22 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from storage.crc32c import RESIDUE as _RESIDUE
+from storage.crc32c import implementation as _crc32c
+
 _BYTES_LE = {"name": "bytes", "configuration": {"endian": "little"}}
 _CHAIN = [_BYTES_LE, {"name": "crc32c"}]
 _EMPTY = np.uint64(2**64 - 1)
-# CRC-32C of any message followed by its own CRC-32C (little-endian) is this constant
-# (the code's residue): a chunk checks in one pass over its bytes, without slicing off the CRC.
-_RESIDUE = 0x48674BC7
-
-
-def _crc32c() -> Any:
-    try:
-        import google_crc32c  # the CRC32C implementation zarr's crc32c codec uses
-
-        return google_crc32c
-    except ImportError:
-        return None
-
 
 _NATIVE: list = []  # [ctypes function or None], resolved once
 
