@@ -192,6 +192,7 @@ def train_cmd(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Detector gate: keep heatmap maxima above this sigmoid score (default: the method's)."),
     relative_threshold: Optional[float] = typer.Option(None, "--relative-threshold", help="Detector gate: keep maxima of at least this fraction of the image's strongest one (default: the method's)."),
     nms_radius: Optional[int] = typer.Option(None, "--nms-radius", help="Detector: a keypoint must be the maximum of its (2r+1)^2 cells; 0 = every cell is a candidate (SiLK's dense keypoints). Default: the method's."),
+    cluster_nms_radius: Optional[int] = typer.Option(None, "--cluster-nms-radius", help="Pseudo-labels: fit the k-means on the keypoints that are maxima of their (2r+1)^2 cells only (each part about once per image), then assign among all keypoints; 0 = fit on every keypoint. Default: the method's."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Detector: at most this many keypoints per image (the strongest). Default: the method's."),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads. 1 is fastest on a shared 2-core machine (more threads oversubscribe); raise it on an idle multi-core one."),
     protocol: Protocol = "paper",
@@ -257,7 +258,7 @@ def run_feature_heads(req: TrainRequest) -> Any:
         lr=o["lr"], batch_size=o["batch_size"], home=s.home, seed=s.seed, run_id=o["run_id"], resume=o["resume"], resolution=o["resolution"],
         channels=o["channels"], descriptor_dim=o["descriptor_dim"], progress=o["progress"], threads=o["threads"], roi=o["roi"], device=s.device,
         views=views, threshold=o["threshold"], relative_threshold=o["relative_threshold"],
-        nms_radius=o.get("nms_radius"), top_k=o.get("top_k"), store_path=o["store"],
+        nms_radius=o.get("nms_radius"), top_k=o.get("top_k"), cluster_nms_radius=o.get("cluster_nms_radius"), store_path=o["store"],
         method=req.method, method_params={name: o[name] for name in METHOD_ONLY_OPTIONS if o.get(name) is not None},
         evaluation=eval_options(o.get("protocol") or "paper", o.get("box") or "landmarks"),
     )

@@ -236,7 +236,7 @@ def save_checkpoint(path: Path, model: ULDHeads, optimizer: torch.optim.Optimize
             np.savez(fh, **labeller.get_state())
     with atomic_path(path / KEYPOINTS_NAME) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez(fh, rows=keypoints.rows, xy=keypoints.xy, score=keypoints.score, desc=keypoints.desc)
+            np.savez(fh, **keypoints.arrays())
     if extra is not None:
         extra(path)
     write_json(marker, state)
@@ -260,7 +260,7 @@ def load_checkpoint(path: Path, lr: float, labeller: PseudoLabeller,
     else:  # written before labellers existed: D-ULD's k-means, its centroids are the whole state
         labeller.set_state({"landmark_centers": np.load(path / CENTROIDS_NAME)})
     with np.load(path / KEYPOINTS_NAME) as z:
-        keypoints = KeypointSet(z["rows"], z["xy"], z["score"], z["desc"])
+        keypoints = KeypointSet.from_arrays(z)
     return model, optimizer, labeller, keypoints
 
 
@@ -396,7 +396,7 @@ def evaluate_task(ctx: RunContext, round_: int, model: ULDHeads) -> tuple[Pseudo
     metric rows.
     """
     kp = extract_keypoints(model, ordered_batches(ctx, ctx.train_rows), ctx.config, ctx.progress, rois=ctx.rois)
-    labeller = ctx.make_labeller().fit(kp, ctx.train_rows, seed=labeller_seed(ctx, round_))
+    labeller = ctx.make_labeller().fit(kp.peaks(), ctx.train_rows, seed=labeller_seed(ctx, round_))
     centers = labeller.landmark_centers_
     rows = write_predictions(ctx, round_, lambda split, rows: predict_landmarks(model, ordered_batches(ctx, rows), centers, ctx.config, ctx.progress, rois=ctx.rois))
     return labeller, kp, rows
@@ -540,6 +540,7 @@ def duld(
     relative_threshold: float | None = None,
     nms_radius: int | None = None,
     top_k: int | None = None,
+    cluster_nms_radius: int | None = None,
     device: str = "auto",
     evaluation: dict | None = None,
     method: str = METHOD,
@@ -573,7 +574,8 @@ def duld(
     resumable; ``backbone`` must be the store's backbone, loaded on ``device``).
     ``None`` warps the cached maps instead (the shortcut, for comparison).
     ``threshold`` / ``relative_threshold`` / ``nms_radius`` / ``top_k``: the detector gates of
-    :func:`pipeline.heads.detector.nms_keypoints` (default: DULDConfig's).
+    :func:`pipeline.heads.detector.nms_keypoints`; ``cluster_nms_radius``: which of those keypoints
+    the pseudo-labeller is fitted on (default: DULDConfig's).
     Writes ``figures/duld-test-landmarks.png``, the last round's landmarks on test crops.
     """
     from flows.features import open_features
@@ -587,7 +589,7 @@ def duld(
     if rounds < 0:
         raise ConfigError(f"rounds must be >= 0, got {rounds}", where="--rounds")
     gates: dict[str, float | int] = {name: float(v) for name, v in (("threshold", threshold), ("relative_threshold", relative_threshold)) if v is not None}
-    gates.update({name: int(v) for name, v in (("nms_radius", nms_radius), ("top_k", top_k)) if v is not None})
+    gates.update({name: int(v) for name, v in (("nms_radius", nms_radius), ("top_k", top_k), ("cluster_nms_radius", cluster_nms_radius)) if v is not None})
     cfg = DULDConfig(k=k, lr=lr, batch_size=batch_size, bootstrap_steps=bootstrap_steps, steps_per_round=steps_per_round, views=views, **gates)
     # A caller that already has the store (the demo, after extracting it) passes its path:
     # finding it from (backbone, spec) means loading and hashing the backbone again.

@@ -212,7 +212,7 @@ def evaluate_tsc_task(ctx: RunContext, round_: int, model: ULDHeads, vae: PoseVA
     centroids in identity order (both splits) -> keypoints / metrics (``flows.duld.write_predictions``)."""
     kp = extract_keypoints(model, ordered_batches(ctx, ctx.train_rows), ctx.config, ctx.progress, rois=ctx.rois)
     codes = codes_for(ctx, model, vae, ctx.train_rows)
-    tsc = make_tsc_labeller(ctx).fit(kp, codes, ctx.train_rows, seed=labeller_seed(ctx, round_))
+    tsc = make_tsc_labeller(ctx).fit(kp.peaks(), codes, ctx.train_rows, seed=labeller_seed(ctx, round_))
     print(f"round {round_}: pose clusters of {tsc.pose_images_.tolist()} train images, {int(tsc.fallback_.sum())} on the global centroids")
 
     def predict(split: str, rows: np.ndarray):

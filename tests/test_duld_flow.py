@@ -76,6 +76,27 @@ def test_prediction_uses_fallback_for_absent_clusters_and_flags_it():
     assert pred.fallback.sum(1).min() >= 1
 
 
+def test_keypoints_record_which_are_heatmap_maxima_when_the_fit_reads_only_those():
+    from pipeline.heads.detector import local_maxima
+    from pipeline.methods.duld import extract_keypoints
+
+    model = build_model(ULDHeadsConfig.from_feature_shapes(SHAPES, crop_size=16, channels=8, hidden=8, descriptor_dim=4), 0)
+    batch = _batches(3)
+    dense = extract_keypoints(model, [batch], DULDConfig(k=3, top_k=10), progress=False)
+    assert dense.peak is None and len(dense.peaks()) == 30
+    kp = extract_keypoints(model, [batch], DULDConfig(k=3, top_k=10, cluster_nms_radius=1), progress=False)
+    assert np.array_equal(kp.desc, dense.desc) and kp.peak is not None and 0 < kp.peak.sum() < 30
+    # the flags are those of the heatmap itself: every image's strongest cell is a maximum
+    heat = torch.sigmoid(model(batch["features"]).logits)
+    best = heat.flatten(1).argmax(1)
+    cells = torch.stack([best % 8, best // 8], -1).float()[:, None]
+    assert local_maxima(heat, cells, 1).all()
+    first = np.array([np.flatnonzero(kp.rows == r)[0] for r in range(3)])  # top-k is sorted: the strongest first
+    assert kp.peak[first].all()
+    with pytest.raises(ConfigError, match="cluster_nms_radius"):
+        DULDConfig(cluster_nms_radius=-1)
+
+
 def _with_view(batch: dict, seed: int = 1) -> dict:
     """The batch plus a second view: here a known warp of its maps, with the transform a view store would carry."""
     from pipeline.heads.augment import AugmentConfig, random_affine, warp_features

@@ -10,6 +10,7 @@ import torch
 from pipeline.errors import ConfigError, StoreError
 from pipeline.heads import AugmentConfig, ULDHeads, ULDHeadsConfig, nms_keypoints, random_affine
 from pipeline.heads.augment import invert_affine, warp_features, warp_map, warp_points
+from pipeline.heads.detector import local_maxima
 from pipeline.heads.descriptor import cells_to_normalised, sample_descriptors
 
 torch.set_num_threads(1)
@@ -111,6 +112,19 @@ def test_nms_keeps_local_maxima_topk_threshold():
     assert kp.valid[0].tolist() == [True, True, False, False, False]
     kp1 = nms_keypoints(h, radius=1, top_k=1, threshold=0.1)
     assert kp1.xy.shape == (1, 1, 2) and kp1.xy[0, 0].tolist() == [3.0, 2.0]
+
+
+def test_local_maxima_flags_the_cells_that_win_their_neighbourhood():
+    h = torch.zeros(1, 1, 8, 8)
+    h[0, 0, 2, 3] = 0.9
+    h[0, 0, 2, 4] = 0.8  # beaten by its left neighbour at radius >= 1
+    h[0, 0, 2, 6] = 0.7  # two cells from the 0.8: a maximum at radius 1, not at radius 2 (0.8 within reach)
+    h[0, 0, 6, 6] = 0.5
+    kp = nms_keypoints(h, radius=0, top_k=4)  # dense: the four strongest cells
+    assert kp.xy[0].tolist() == [[3.0, 2.0], [4.0, 2.0], [6.0, 2.0], [6.0, 6.0]]
+    assert local_maxima(h, kp.xy, 1)[0].tolist() == [True, False, True, True]
+    assert local_maxima(h, kp.xy, 2)[0].tolist() == [True, False, False, True]
+    assert local_maxima(h, kp.xy, 0).all()
 
 
 def test_warp_moves_a_feature_peak_to_the_warped_coordinate():

@@ -49,6 +49,27 @@ def test_kmeans_labeller_is_bit_identical_to_the_former_duld_code_path():
         assert np.array_equal(again.coords, pl.coords, equal_nan=True) and np.array_equal(again.present, pl.present)
 
 
+def test_keypoint_peaks_restrict_the_fit_and_survive_the_checkpoint_arrays():
+    from pipeline.methods.duld import DULDConfig, cluster_keypoints
+
+    kp = constructed_keypoints()
+    # mark only the keypoints near part 0's descriptors as maxima: a 1-means fitted on them
+    # must equal their mean direction, not that of every keypoint
+    peak = kp.desc @ kp.desc[0] > 0.8
+    marked = KeypointSet(kp.rows, kp.xy, kp.score, kp.desc, peak)
+    assert len(marked.peaks()) == int(peak.sum()) < len(kp) and marked.peaks().peak.all()
+    assert kp.peaks() is kp  # no flags recorded: every keypoint counts
+    c = cluster_keypoints(marked, DULDConfig(k=1), seed=0).cluster_centers_[0]
+    assert np.allclose(c, marked.desc[peak].mean(0), atol=1e-4)
+    assert not np.allclose(c, kp.desc.mean(0), atol=1e-2)
+    # the exemplar assignment still reads every keypoint
+    lab = KMeansLabeller(k=1).fit(marked.peaks(), np.arange(3, 33), seed=0)
+    assert lab.predict(marked, np.arange(3, 33)).present.all()
+    again = KeypointSet.from_arrays(marked.arrays())
+    assert np.array_equal(again.peak, peak) and np.array_equal(again.desc, kp.desc)
+    assert KeypointSet.from_arrays(kp.arrays()).peak is None
+
+
 def test_duld_module_keeps_the_old_names_as_thin_delegates():
     from pipeline.methods.duld import DULDConfig, cluster_keypoints, pseudo_labels
 

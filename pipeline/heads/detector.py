@@ -74,6 +74,19 @@ def nms_keypoints(heatmap: torch.Tensor, radius: int = 1, top_k: int = 32, thres
     return Keypoints(xy=xy, score=top.clamp_min(0.0), valid=valid)
 
 
+def local_maxima(heatmap: torch.Tensor, xy: torch.Tensor, radius: int) -> torch.Tensor:
+    """(B, T) bool: whether each cell ``xy`` (B, T, 2) (col, row) is the maximum of its ``(2r+1)^2``
+    neighbourhood of ``heatmap`` (B, 1, R, R) or (B, R, R). ``radius`` 0: every cell is."""
+    if heatmap.dim() == 4:
+        heatmap = heatmap[:, 0]
+    B, H, W = heatmap.shape
+    if int(radius) <= 0:
+        return torch.ones(xy.shape[:2], dtype=torch.bool)
+    pooled = F.max_pool2d(heatmap[:, None], kernel_size=2 * int(radius) + 1, stride=1, padding=int(radius))[:, 0]
+    idx = (xy[..., 1].long() * W + xy[..., 0].long()).clamp(0, H * W - 1)
+    return torch.gather(heatmap.reshape(B, -1), 1, idx) == torch.gather(pooled.reshape(B, -1), 1, idx)
+
+
 def refine_subcell(heatmap: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
     """Sub-cell keypoint positions: heatmap-weighted centroid of the 3x3 cells around each peak.
 

@@ -38,16 +38,42 @@ class KeypointSet:
     """Detected keypoints of many images, flat: one row per keypoint.
 
     ``rows`` (n,) store row of the image; ``xy`` (n, 2) crop pixels (cell
-    centres); ``score`` (n,) heatmap value; ``desc`` (n, D) unit descriptors.
+    centres); ``score`` (n,) heatmap value; ``desc`` (n, D) unit descriptors;
+    ``peak`` (n,) bool or None: whether the keypoint is a local maximum of the
+    heatmap at ``DULDConfig.cluster_nms_radius`` (None: not recorded, i.e. every
+    keypoint counts as one).
     """
 
     rows: np.ndarray
     xy: np.ndarray
     score: np.ndarray
     desc: np.ndarray
+    peak: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def subset(self, mask: np.ndarray) -> "KeypointSet":
+        """The keypoints where ``mask`` (n,) bool is True."""
+        m = np.asarray(mask, bool)
+        return KeypointSet(self.rows[m], self.xy[m], self.score[m], self.desc[m], None if self.peak is None else self.peak[m])
+
+    def peaks(self) -> "KeypointSet":
+        """The local maxima only (every keypoint when ``peak`` was not recorded)."""
+        return self if self.peak is None else self.subset(self.peak)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The fields as named arrays (``np.savez``); :meth:`from_arrays` reads them back."""
+        out = {"rows": self.rows, "xy": self.xy, "score": self.score, "desc": self.desc}
+        if self.peak is not None:
+            out["peak"] = self.peak
+        return out
+
+    @classmethod
+    def from_arrays(cls, z: Any) -> "KeypointSet":
+        """From a mapping of :meth:`arrays`' names (an ``np.load`` archive; ``peak`` optional)."""
+        names = set(getattr(z, "files", z))
+        return cls(z["rows"], z["xy"], z["score"], z["desc"], z["peak"] if "peak" in names else None)
 
 
 @dataclass

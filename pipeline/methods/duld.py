@@ -51,7 +51,7 @@ from pipeline.heads.augment import (
     warp_points,
 )
 from pipeline.heads.descriptor import crop_to_normalised, sample_descriptors
-from pipeline.heads.detector import nms_keypoints, refine_subcell
+from pipeline.heads.detector import local_maxima, nms_keypoints, refine_subcell
 from pipeline.heads.losses import (
     bce_detector_loss,
     contrastive_loss,
@@ -94,6 +94,11 @@ class DULDConfig:
     # radius 1 a smooth 16x16 heatmap has ~5 local maxima per crop, so half the K pseudo-labels were
     # missing in every image and the detector learned to fire on ~5 parts (bench/results/duld_engine.md).
     nms_radius: int = 0
+    # The k-means (pseudo-labeller fit) reads only the keypoints that are local maxima of their
+    # (2r+1)^2 cells; the exemplar assignment still picks among all top_k keypoints. 0 = fit on
+    # every keypoint. Dense top-k cells crowd around the strongest part (8 of 10 MTFL centroids
+    # in the eye band), while the maxima give each part about one keypoint per image.
+    cluster_nms_radius: int = 0
     threshold: float = 0.0  # absolute heatmap (sigmoid) floor for keypoints, see nms_keypoints
     relative_threshold: float = 0.0  # keep maxima >= this fraction of the image's strongest one
     fallback_temperature: float = 0.5  # see predict_landmarks
@@ -106,7 +111,7 @@ class DULDConfig:
         for name in ("k", "batch_size", "top_k"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", where=f"--{name.replace('_', '-')}")
-        for name in ("bootstrap_steps", "steps_per_round"):
+        for name in ("bootstrap_steps", "steps_per_round", "nms_radius", "cluster_nms_radius"):
             if int(getattr(self, name)) < 0:
                 raise ConfigError(f"{name} must be >= 0", where=f"--{name.replace('_', '-')}")
         if not self.lr > 0:
@@ -346,14 +351,16 @@ def extract_keypoints(
     from tqdm.auto import tqdm
 
     model.eval()
-    rows, xy, score, desc = [], [], [], []
+    rows, xy, score, desc, peak = [], [], [], [], []
     for batch in tqdm(batches, desc="keypoints", disable=not progress, leave=False):
-        _, _, kp, crop_xy, d = _detect(model, batch["features"], config, _batch_rois(rois, batch))
+        _, heat, kp, crop_xy, d = _detect(model, batch["features"], config, _batch_rois(rois, batch))
         v = kp.valid
         rows.append(batch["index"][:, None].expand_as(v)[v].numpy())
         xy.append(crop_xy[v].numpy())
         score.append(kp.score[v].numpy())
         desc.append(d[v].numpy())
+        if config.cluster_nms_radius > 0:
+            peak.append(local_maxima(heat, kp.xy, config.cluster_nms_radius)[v].numpy())
     D = model.config.descriptor_dim
     if not rows:
         return KeypointSet(np.zeros(0, np.int64), np.zeros((0, 2), np.float32), np.zeros(0, np.float32), np.zeros((0, D), np.float32))
@@ -362,12 +369,13 @@ def extract_keypoints(
         np.concatenate(xy).astype(np.float32),
         np.concatenate(score).astype(np.float32),
         np.concatenate(desc).astype(np.float32),
+        np.concatenate(peak).astype(bool) if peak else None,
     )
 
 
 def cluster_keypoints(keypoints: KeypointSet, config: DULDConfig, seed: int) -> KMeansLabeller:
     """D-ULD's k-means of the keypoint descriptors: a fitted :class:`KMeansLabeller` (``cluster_centers_``)."""
-    return KMeansLabeller(config.k, config.kmeans_n_init, config.kmeans_max_iter).fit(keypoints, np.unique(keypoints.rows), seed)
+    return KMeansLabeller(config.k, config.kmeans_n_init, config.kmeans_max_iter).fit(keypoints.peaks(), np.unique(keypoints.rows), seed)
 
 
 # Exemplar assignment of keypoints to given centroids (the old name; the engine uses the labellers).
