@@ -102,9 +102,67 @@ def test_cross_image_flow_carries_landmarks_to_the_matching_place():
     moved = transport_landmarks(prob_a, soft_flow(feat_a, feat_b, temperature=0.01))
     assert torch.allclose(moved, pts_b, atol=1e-4)
     assert torch.allclose(pts_b - pts_a, torch.tensor([2 * 2 / w, 1 * 2 / h]).expand(1, 2, 2), atol=1e-4)
-    assert float(cross_image_flow_loss(prob_a, pts_a, feat_a, prob_b, pts_b, feat_b, 0.01)) < 1e-6
+    assert float(cross_image_flow_loss(prob_a, pts_a, feat_a, prob_b, pts_b, feat_b, 0.01, 0.1)) < 1e-6
     # Landmarks of B that did not move with the image violate the equivariance.
-    assert float(cross_image_flow_loss(prob_a, pts_a, feat_a, prob_a, pts_a, feat_b, 0.01)) > 0.05
+    assert float(cross_image_flow_loss(prob_a, pts_a, feat_a, prob_a, pts_a, feat_b, 0.01, 0.1)) > 0.05
+
+
+def _rolled_pair(heat: torch.Tensor, shift: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """A's maps from ``heat`` and B's = A's moved by ``shift`` cells (consistent landmarks), with their points."""
+    prob_a = spatial_softmax(heat)
+    prob_b = torch.roll(prob_a, shifts=shift, dims=(2, 3))
+    return prob_a, expected_coordinates(prob_a), prob_b, expected_coordinates(prob_b)
+
+
+def test_flow_term_scores_flat_maps_worse_than_peaked_consistent_ones():
+    """The squared-error form scored flat maps 0 (its minimum) and peaked, consistent maps above it
+    under a soft flow; the matching form must do the opposite."""
+    from pipeline.methods.condgen.losses import cross_image_flow_loss
+
+    h = w = 8
+    k, shift, tau = 3, (1, 2), 0.2  # tau 0.2: a soft flow (about 0.7 of each cell's mass on its match)
+    feat_a = torch.eye(h * w).reshape(1, h * w, h, w)
+    feat_b = torch.roll(feat_a, shifts=shift, dims=(2, 3))
+    heat = torch.full((1, k, h, w), -20.0)
+    heat[0, 0, 1, 1] = heat[0, 1, 4, 5] = heat[0, 2, 5, 1] = 20.0
+    peaked = cross_image_flow_loss(*_interleave(_rolled_pair(heat, shift), feat_a, feat_b), tau, 0.1)
+    flat = cross_image_flow_loss(*_interleave(_rolled_pair(torch.zeros(1, k, h, w), shift), feat_a, feat_b), tau, 0.1)
+    assert float(flat) == pytest.approx(np.log(k), abs=1e-5)  # all landmarks coincide: the worst matching
+    assert float(peaked) < 0.05 * float(flat)
+    # Flat maps with an uninformative (constant-feature) flow: still log K, not 0.
+    const = torch.ones(1, 4, h, w)
+    flat_const = cross_image_flow_loss(*_interleave(_rolled_pair(torch.zeros(1, k, h, w), shift), const, const), tau, 0.1)
+    assert float(flat_const) == pytest.approx(np.log(k), abs=1e-5)
+
+
+def test_flow_term_gradient_moves_near_flat_maps_apart():
+    """Descending the flow term from almost-uniform maps (informative flow) must separate the landmarks
+    and sharpen the maps; under the squared-error form they stayed at the centre, flat."""
+    from pipeline.methods.condgen.losses import cross_image_flow_loss
+
+    h = w = 8
+    k, shift = 3, (1, 2)
+    feat_a = torch.eye(h * w).reshape(1, h * w, h, w)
+    feat_b = torch.roll(feat_a, shifts=shift, dims=(2, 3))
+    heat = (torch.randn(1, k, h, w, generator=torch.Generator().manual_seed(0)) * 0.01).requires_grad_()
+    peak0 = float(spatial_softmax(heat.detach()).flatten(2).amax(-1).mean())
+    opt = torch.optim.SGD([heat], lr=1.0)
+    for _ in range(100):
+        loss = cross_image_flow_loss(*_interleave(_rolled_pair(heat, shift), feat_a, feat_b), 0.2, 0.1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    prob = spatial_softmax(heat.detach())
+    pts = expected_coordinates(prob)[0]
+    spacing = torch.cdist(pts, pts)[~torch.eye(k, dtype=bool)].min()
+    assert float(spacing) > 0.2  # started within 0.003 of each other, at the centre
+    assert float(prob.flatten(2).amax(-1).mean()) > 2 * peak0
+    assert float(loss.detach()) < 0.5 * np.log(k)
+
+
+def _interleave(pair: tuple[torch.Tensor, ...], feat_a: torch.Tensor, feat_b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    prob_a, pts_a, prob_b, pts_b = pair
+    return prob_a, pts_a, feat_a, prob_b, pts_b, feat_b
 
 
 # ----------------------------------------------------------------- TPS warps
@@ -210,6 +268,8 @@ def test_warp_setting_tps_trains_and_affine_keeps_its_stream(perceptual):
     assert len(est.history_) == 3 and np.isfinite([r["loss"] for r in est.history_]).all()
     with pytest.raises(ConfigError, match="warp"):
         CondGenConfig(warp="elastic")
+    with pytest.raises(ConfigError, match="at least 2 landmarks"):
+        C3Landmarks(CondGenConfig(**{**TINY, "k": 1}))
 
 
 # ----------------------------------------------------------------- the flow

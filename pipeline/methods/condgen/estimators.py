@@ -91,10 +91,12 @@ class CondGenConfig:
     flow_weight: float = 1.0
     paired_weight: float = 1.0
     flow_temperature: float = 0.1
-    # Steps before the flow term is switched on. Flat (uniform) heatmaps are a minimum of the
-    # flow term (a uniform map is carried to the centre, where its landmark is), so from the
-    # start it holds the maps flat (bench/results/condgen.md); the paired and cycle terms
-    # first make them peaked. 0 = on from the start.
+    # Width (normalised units) of the flow term's K-way matching kernel: carried landmarks must be
+    # nearer their own counterpart than the others by a few of these (losses.landmark_matching_loss).
+    flow_scale: float = 0.1
+    # Steps before the flow term is switched on (0 = on from the start). Introduced when the flow
+    # term was a squared error, whose minimum held flat maps (bench/results/condgen.md); the
+    # K-way matching form has no such minimum, the warm-up remains as an option.
     flow_warmup: int = 0
     # The perceptual network: a pixel-space DDPM (backbone spec) and its up-block layers (() = its defaults).
     backbone: str = "shipped"
@@ -111,6 +113,7 @@ class CondGenConfig:
             (self.lr > 0, "lr", "the learning rate must be positive"),
             (self.flow_temperature > 0, "flow_temperature", "the flow temperature must be positive"),
             (self.flow_warmup >= 0, "flow_warmup", "the flow warm-up must be >= 0 steps"),
+            (self.flow_scale > 0, "flow_scale", "the flow matching width must be positive"),
             (self.warp in WARPS, "warp", f"the warp must be one of {', '.join(WARPS)}"),
             (self.tps_points >= 2, "tps_points", "a TPS control grid needs at least 2 points a side"),
             (self.tps_scale >= 0, "tps_scale", "the TPS offsets must be >= 0"),
@@ -349,6 +352,12 @@ class C3Landmarks(CondGenLandmarks):
 
     method = "c3"
 
+    def __init__(self, config: CondGenConfig | None = None, perceptual: nn.Module | None = None, device: str = "cpu") -> None:
+        super().__init__(config, perceptual, device)
+        if self.config.k < 2 and self.config.flow_weight > 0:
+            # The flow term matches each carried landmark against the image's other landmarks; with one there is none.
+            raise ConfigError("C3's flow term needs at least 2 landmarks", where="CondGenConfig.k (-k)", fix="use -k 2 or more, or --param flow_weight=0")
+
     def _losses(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         c, net = self.config, self.net_
         # B = A shifted by one inside the batch: every pair holds two different images
@@ -365,7 +374,8 @@ class C3Landmarks(CondGenLandmarks):
         la, pa = self._recon(a_hat, a, None)
         lb, _ = self._recon(b_hat, b, None)
         cycle = 0.5 * (la + lb)
-        flow = cross_image_flow_loss(pose_a["prob"], pose_a["pts"], pose_a["feats"], pose_b["prob"], pose_b["pts"], pose_b["feats"], c.flow_temperature)
+        flow = cross_image_flow_loss(pose_a["prob"], pose_a["pts"], pose_a["feats"], pose_b["prob"], pose_b["pts"], pose_b["feats"],
+                                     c.flow_temperature, c.flow_scale)
         flow_weight = c.flow_weight if self.step_ >= c.flow_warmup else 0.0  # step_ = steps done before this one
         total = c.cycle_weight * cycle + flow_weight * flow
         parts = {"cycle": float(cycle.detach()), "flow": float(flow.detach()), "flow_weight": float(flow_weight),
