@@ -85,7 +85,9 @@ class CondGenConfig:
     translation: float = 0.1
     shear: float = 0.05
     tps_points: int = 5
-    tps_scale: float = 0.05
+    # 0.1 on a 5 x 5 grid: pixels move 1.9 px on average, at most 5 px of a 64 px crop, and no
+    # fold (smallest local area ratio 0.33 over 500 draws); 0.15 comes close to folding (0.02).
+    tps_scale: float = 0.1
     # C3 only.
     cycle_weight: float = 1.0
     flow_weight: float = 1.0

@@ -190,7 +190,7 @@ def tps_map(points: torch.Tensor, ctrl: torch.Tensor, coeffs: torch.Tensor) -> t
     return basis @ coeffs.to(pts)
 
 
-def random_tps(n: int, generator: torch.Generator, grid_size: int = 5, scale: float = 0.05) -> torch.Tensor:
+def random_tps(n: int, generator: torch.Generator, grid_size: int = 5, scale: float = 0.1) -> torch.Tensor:
     """``n`` random TPS deformations as displaced control points (n, grid_size^2, 2): where each grid point samples from.
 
     Each control point of :func:`tps_control_points` is moved by an offset
