@@ -35,18 +35,24 @@ B's landmark ``k`` than to B's other landmarks,
 
 a cross-entropy over the K landmarks of B with a Gaussian kernel of width
 ``s`` (``flow_scale``, normalised units). Why no collapsed state is a minimum:
-when all carried points coincide (flat flow, or maps that are all alike),
-``L = d_k / (2 s^2) + log sum_j exp(-d_j / (2 s^2))`` averaged over k, which by
+when all carried points coincide at one point ``m`` (flat flow, or maps that
+are all alike), with ``d_j = |m - x_B^j|^2``, ``L = d_k / (2 s^2) + log sum_j exp(-d_j / (2 s^2))`` averaged over k, which by
 Jensen's inequality is at least ``log K``, with equality only when B's
 landmarks are all equally far from that point (e.g. all at it too); in
 particular flat maps in both images give exactly ``log K``.
 Peaked maps that move with the image and lie more than a few ``s`` apart give
 a value near 0. So the flat state is the worst matching, not the best; at the
-exactly symmetric point the gradient vanishes by symmetry (a stationary point,
-a maximum along the directions that separate the landmarks), which the
-network's random initialisation never sits on. The term is scale-aware only
+exactly symmetric point the gradient vanishes by symmetry (a stationary
+point, not a minimum: moving the landmarks apart consistently lowers the term,
+see tests/test_condgen.py::test_flow_term_gradient_moves_near_flat_maps_apart),
+and the network's random initialisation never sits exactly on it. The term is scale-aware only
 through ``s``: shrinking every landmark toward one point raises it once their
-spacing falls below ``s``. With K = 1 there is nothing to match against and the
+spacing falls below ``s``. What it cannot do: with an uninformative flow
+(constant features) every map is carried to the same point, and the minimum,
+``log K``, is met by any landmarks equidistant from it, flat maps among them;
+the term then no longer rewards the collapse but cannot reward spread either
+until the features tell places apart (they are the keypoint encoder's, trained
+by the reconstruction terms as well). With K = 1 there is nothing to match against and the
 term is 0 (C3 refuses K = 1 with a flow term).
 """
 
