@@ -7,7 +7,7 @@ perceptual network. Options of ``uld train`` they read: ``--dataset``,
 ``--crop-margin``, ``--run-id`` / ``--resume``, ``--threads``,
 ``--progress``; any other :class:`~pipeline.methods.condgen.CondGenConfig`
 field through ``--param NAME=VALUE`` (e.g. ``--param width=24``,
-``--param flow_weight=0.5``), and ``--param checkpoint_every=N`` (default 50).
+``--param flow_weight=0.5``, ``--param warp=tps``), and ``--param checkpoint_every=N`` (default 50).
 """
 
 from __future__ import annotations

@@ -12,9 +12,15 @@ from pipeline.methods.condgen.geometry import (
     expected_coordinates,
     gaussian_maps,
     random_affine,
+    random_tps,
+    sample_grid,
+    solve_tps,
     spatial_softmax,
     to_crop_pixels,
     to_normalised,
+    tps_control_points,
+    tps_grid,
+    tps_map,
     warp_images,
     warp_points,
 )
@@ -96,9 +102,128 @@ def test_cross_image_flow_carries_landmarks_to_the_matching_place():
     moved = transport_landmarks(prob_a, soft_flow(feat_a, feat_b, temperature=0.01))
     assert torch.allclose(moved, pts_b, atol=1e-4)
     assert torch.allclose(pts_b - pts_a, torch.tensor([2 * 2 / w, 1 * 2 / h]).expand(1, 2, 2), atol=1e-4)
-    assert float(cross_image_flow_loss(prob_a, pts_a, feat_a, prob_b, pts_b, feat_b, 0.01)) < 1e-6
+    assert float(cross_image_flow_loss(prob_a, pts_a, feat_a, prob_b, pts_b, feat_b, 0.01, 0.1)) < 1e-6
     # Landmarks of B that did not move with the image violate the equivariance.
-    assert float(cross_image_flow_loss(prob_a, pts_a, feat_a, prob_a, pts_a, feat_b, 0.01)) > 0.05
+    assert float(cross_image_flow_loss(prob_a, pts_a, feat_a, prob_a, pts_a, feat_b, 0.01, 0.1)) > 0.05
+
+
+def _rolled_pair(heat: torch.Tensor, shift: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """A's maps from ``heat`` and B's = A's moved by ``shift`` cells (consistent landmarks), with their points."""
+    prob_a = spatial_softmax(heat)
+    prob_b = torch.roll(prob_a, shifts=shift, dims=(2, 3))
+    return prob_a, expected_coordinates(prob_a), prob_b, expected_coordinates(prob_b)
+
+
+def test_flow_term_scores_flat_maps_worse_than_peaked_consistent_ones():
+    """The squared-error form scored flat maps 0 (its minimum) and peaked, consistent maps above it
+    under a soft flow; the matching form must do the opposite."""
+    from pipeline.methods.condgen.losses import cross_image_flow_loss
+
+    h = w = 8
+    k, shift, tau = 3, (1, 2), 0.2  # tau 0.2: a soft flow (about 0.7 of each cell's mass on its match)
+    feat_a = torch.eye(h * w).reshape(1, h * w, h, w)
+    feat_b = torch.roll(feat_a, shifts=shift, dims=(2, 3))
+    heat = torch.full((1, k, h, w), -20.0)
+    heat[0, 0, 1, 1] = heat[0, 1, 4, 5] = heat[0, 2, 5, 1] = 20.0
+    peaked = cross_image_flow_loss(*_interleave(_rolled_pair(heat, shift), feat_a, feat_b), tau, 0.1)
+    flat = cross_image_flow_loss(*_interleave(_rolled_pair(torch.zeros(1, k, h, w), shift), feat_a, feat_b), tau, 0.1)
+    assert float(flat) == pytest.approx(np.log(k), abs=1e-5)  # all landmarks coincide: the worst matching
+    assert float(peaked) < 0.05 * float(flat)
+    # Flat maps with an uninformative (constant-feature) flow: still log K, not 0.
+    const = torch.ones(1, 4, h, w)
+    flat_const = cross_image_flow_loss(*_interleave(_rolled_pair(torch.zeros(1, k, h, w), shift), const, const), tau, 0.1)
+    assert float(flat_const) == pytest.approx(np.log(k), abs=1e-5)
+
+
+def test_flow_term_gradient_moves_near_flat_maps_apart():
+    """Descending the flow term from almost-uniform maps (informative flow) must separate the landmarks
+    and sharpen the maps; under the squared-error form they stayed at the centre, flat."""
+    from pipeline.methods.condgen.losses import cross_image_flow_loss
+
+    h = w = 8
+    k, shift = 3, (1, 2)
+    feat_a = torch.eye(h * w).reshape(1, h * w, h, w)
+    feat_b = torch.roll(feat_a, shifts=shift, dims=(2, 3))
+    heat = (torch.randn(1, k, h, w, generator=torch.Generator().manual_seed(0)) * 0.01).requires_grad_()
+    peak0 = float(spatial_softmax(heat.detach()).flatten(2).amax(-1).mean())
+    opt = torch.optim.SGD([heat], lr=1.0)
+    for _ in range(100):
+        loss = cross_image_flow_loss(*_interleave(_rolled_pair(heat, shift), feat_a, feat_b), 0.2, 0.1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    prob = spatial_softmax(heat.detach())
+    pts = expected_coordinates(prob)[0]
+    spacing = torch.cdist(pts, pts)[~torch.eye(k, dtype=bool)].min()
+    assert float(spacing) > 0.2  # started within 0.003 of each other, at the centre
+    assert float(prob.flatten(2).amax(-1).mean()) > 2 * peak0
+    assert float(loss.detach()) < 0.5 * np.log(k)
+
+
+def _interleave(pair: tuple[torch.Tensor, ...], feat_a: torch.Tensor, feat_b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    prob_a, pts_a, prob_b, pts_b = pair
+    return prob_a, pts_a, feat_a, prob_b, pts_b, feat_b
+
+
+# ----------------------------------------------------------------- TPS warps
+def test_tps_with_zero_offsets_is_the_identity_and_composes_with_the_affine():
+    n, S = 3, 16
+    ctrl = tps_control_points(5)
+    assert ctrl.shape == (25, 2) and ctrl.min() == -1 and ctrl.max() == 1
+    still = ctrl[None].repeat(n, 1, 1)
+    grid = tps_grid(still, S)
+    assert grid.shape == (n, S, S, 2) and grid.dtype == torch.float32
+    identity = torch.nn.functional.affine_grid(torch.eye(2, 3).expand(n, 2, 3), [n, 1, S, S], align_corners=False)
+    assert torch.allclose(grid, identity, atol=1e-5)
+    theta = random_affine(n, torch.Generator().manual_seed(1))
+    assert torch.allclose(tps_grid(still, S, theta), torch.nn.functional.affine_grid(theta, [n, 1, S, S], align_corners=False), atol=1e-5)
+    images = torch.rand(n, 3, S, S, dtype=torch.float64)
+    warped, valid = sample_grid(images, grid)
+    assert warped.dtype == torch.float64 and valid.shape == (n, 1, S, S)
+    assert torch.allclose(warped, images, atol=1e-5) and torch.allclose(valid, torch.ones_like(valid), atol=1e-5)
+
+
+def test_tps_interpolates_its_control_points_and_moves_a_dot_with_them():
+    S = 33  # odd: the centre control point (0, 0) is a pixel centre (pixel 16)
+    ctrl = tps_control_points(5)
+    centre = 12  # (0, 0) in the row-major 5 x 5 grid
+    assert torch.equal(ctrl[centre], torch.zeros(2))
+    delta = torch.tensor([4.0, -2.0]) * (2 / S)  # 4 pixels right, 2 up: a source pixel centre, so sampling is exact
+    displaced = ctrl.clone()
+    displaced[centre] += delta
+    displaced = displaced[None]
+    assert torch.allclose(tps_map(ctrl, ctrl, solve_tps(ctrl, displaced)), displaced, atol=1e-5)
+    # A bright dot in the source at (0, 0) + delta: the warp samples there for the target's
+    # centre pixel, so the dot appears at the centre, while a dot on an undisplaced control
+    # point's place, (-0.5, 0.5), stays where it is.
+    ys = (torch.arange(S) * 2 + 1) / S - 1
+    gy, gx = torch.meshgrid(ys, ys, indexing="ij")
+    def dot(x: float, y: float) -> torch.Tensor:
+        return torch.exp(-((gx - x) ** 2 + (gy - y) ** 2) / (2 * 0.06 ** 2))
+    source = torch.stack([dot(float(delta[0]), float(delta[1])), dot(-0.5, 0.5)])[None]  # (1, 2, S, S)
+    warped, _ = sample_grid(source, tps_grid(displaced, S))
+    assert divmod(int(warped[0, 0].argmax()), S) == (16, 16)
+    assert float(warped[0, 0, 16, 16]) == pytest.approx(1.0, abs=1e-3)
+    # (-0.5, 0.5) is not a pixel centre: compare the dot's centroid with its place.
+    m = warped[0, 1] * (warped[0, 1] > 0.2)
+    centroid = torch.stack([(m * gx).sum() / m.sum(), (m * gy).sum() / m.sum()])
+    assert torch.allclose(centroid, torch.tensor([-0.5, 0.5]), atol=0.02)
+    # Without the displacement the first dot stays at (0, 0) + delta, a pixel away from the centre.
+    unwarped, _ = sample_grid(source, tps_grid(ctrl[None], S))
+    assert divmod(int(unwarped[0, 0].argmax()), S) != (16, 16)
+
+
+def test_random_tps_is_seeded_and_bounded():
+    a = random_tps(4, torch.Generator().manual_seed(7), grid_size=4, scale=0.08)
+    b = random_tps(4, torch.Generator().manual_seed(7), grid_size=4, scale=0.08)
+    c = random_tps(4, torch.Generator().manual_seed(8), grid_size=4, scale=0.08)
+    assert a.shape == (4, 16, 2) and a.dtype == torch.float32
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    off = a - tps_control_points(4)[None]
+    assert float(off.abs().max()) <= 0.08 and float(off.abs().max()) > 0.04
+    assert torch.equal(tps_grid(a, 12), tps_grid(b, 12))
+    with pytest.raises(ValueError, match="square grid"):
+        tps_grid(a[:, :15], 12)
 
 
 def test_jakab_loss_falls_and_predicts_crop_pixels(perceptual):
@@ -124,6 +249,27 @@ def test_c3_losses_fall_and_runs_are_deterministic(perceptual):
     np.testing.assert_array_equal(a.predict(images).coords, b.predict(images).coords)
     warm = C3Landmarks(CondGenConfig(steps=3, flow_warmup=2, **TINY), perceptual=perceptual).fit(images)
     assert [r["flow_weight"] for r in warm.history_] == [0.0, 0.0, 1.0]
+
+
+def test_warp_setting_tps_trains_and_affine_keeps_its_stream(perceptual):
+    from pipeline.errors import ConfigError
+    from pipeline.methods.condgen.estimators import step_generator
+
+    images = blob_images(8, seed=2)
+    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+    affine = JakabLandmarks(CondGenConfig(**TINY))
+    got, _ = affine._warp(x, step_generator(0, 5))
+    want, _ = warp_images(x, random_affine(8, step_generator(0, 5)))  # what every run before the setting drew
+    assert torch.equal(got, want)
+    tps = JakabLandmarks(CondGenConfig(warp="tps", tps_scale=0.08, **TINY))
+    bent, valid = tps._warp(x, step_generator(0, 5))
+    assert bent.shape == x.shape and valid.shape == (8, 1, SIZE, SIZE) and not torch.allclose(bent, want, atol=1e-3)
+    est = JakabLandmarks(CondGenConfig(steps=3, warp="tps", **TINY), perceptual=perceptual).fit(images)
+    assert len(est.history_) == 3 and np.isfinite([r["loss"] for r in est.history_]).all()
+    with pytest.raises(ConfigError, match="warp"):
+        CondGenConfig(warp="elastic")
+    with pytest.raises(ConfigError, match="at least 2 landmarks"):
+        C3Landmarks(CondGenConfig(**{**TINY, "k": 1}))
 
 
 # ----------------------------------------------------------------- the flow

@@ -5,6 +5,11 @@ Coordinates: normalised crop units ``u in [-1, 1]`` with ``align_corners=False``
 project's pixel convention (:mod:`pipeline.datasets.crop`: pixel ``i`` spans
 ``[i, i+1)``): ``u = 2 x / S - 1`` and ``x = (u + 1) S / 2`` in crop pixels.
 Points are ``(x, y)`` pairs.
+
+Warps (Jakab et al.'s training pairs): :func:`random_affine` thetas and
+:func:`random_tps` thin-plate-spline deformations, both maps from target to
+source coordinates; :func:`tps_grid` composes the two into one dense
+``grid_sample`` grid and :func:`sample_grid` applies it.
 """
 
 from __future__ import annotations
@@ -107,11 +112,7 @@ def warp_images(images: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor
     source: Jakab et al. mask the area a warp brings in from outside the image
     (seed 003, Sec. III-B) so the loss never asks the generator to draw it.
     """
-    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
-    warped = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    ones = torch.ones_like(images[:, :1])
-    valid = F.grid_sample(ones, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return warped, valid
+    return sample_grid(images, F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False))
 
 
 def warp_points(points: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -122,3 +123,103 @@ def warp_points(points: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """
     a, t = theta[:, :, :2], theta[:, :, 2]
     return torch.linalg.solve(a[:, None], (points - t[:, None, :])[..., None])[..., 0]
+
+
+def sample_grid(images: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample (B, C, S, S) images at ``grid`` (B, S, S, 2) source ``(x, y)``; returns ``(warped, valid)`` as :func:`warp_images`."""
+    grid = grid.to(images.dtype)
+    warped = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    ones = torch.ones_like(images[:, :1])
+    valid = F.grid_sample(ones, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return warped, valid
+
+
+def pixel_centre_grid(size: int, device: torch.device | None = None) -> torch.Tensor:
+    """(S*S, 2) normalised ``(x, y)`` of an ``S x S`` image's pixel centres, row-major (``grid_sample``'s order)."""
+    ys, xs = cell_centres(size, size, device)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=-1)
+
+
+# ---------------------------------------------------------------- thin-plate-spline warps
+# A TPS map f: R^2 -> R^2 through M control points c_i is
+#     f(p) = a_0 + a_x x + a_y y + sum_i w_i U(|p - c_i|),   U(r) = r^2 log r^2  (U(0) = 0),
+# the interpolant of f(c_i) = d_i with the least bending energy; its coefficients solve
+#     [ K   P ] [ w ]   [ d ]      K_ij = U(|c_i - c_j|),  P_i = (1, x_i, y_i),
+#     [ P^T 0 ] [ a ] = [ 0 ],     (the P^T w = 0 rows make the affine part carry all the affine motion).
+# As with the affine thetas, f maps *target* coordinates to *source* coordinates: the warped
+# image at p shows the source at f(p), so the content at d_i appears at c_i.
+def _tps_kernel(r2: torch.Tensor) -> torch.Tensor:
+    """``U`` from squared distances: ``r^2 log r^2``, continued by 0 at r = 0 (its limit)."""
+    return torch.where(r2 > 0, r2 * torch.log(r2.clamp_min(1e-30)), torch.zeros_like(r2))
+
+
+def tps_control_points(grid_size: int = 5, device: torch.device | None = None) -> torch.Tensor:
+    """(grid_size^2, 2) control points on a regular grid spanning the crop, ``[-1, 1]`` edge to edge, row-major."""
+    if grid_size < 2:
+        raise ValueError(f"a TPS control grid needs at least 2 points a side, got {grid_size}")
+    t = torch.linspace(-1.0, 1.0, grid_size, device=device)
+    gy, gx = torch.meshgrid(t, t, indexing="ij")
+    return torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=-1)
+
+
+def solve_tps(ctrl: torch.Tensor, displaced: torch.Tensor) -> torch.Tensor:
+    """TPS coefficients (n, M + 3, 2) (``w`` then ``a_0, a_x, a_y``) of the maps with ``f(ctrl_i) = displaced[:, i]``.
+
+    ``ctrl`` (M, 2) is shared by the batch, so the system matrix is built and
+    factorised once; solved in float64 because ``K`` is badly conditioned for
+    close points and the interpolation should be exact to float32 precision.
+    """
+    m = ctrl.shape[0]
+    c = ctrl.double()
+    k = _tps_kernel(((c[:, None, :] - c[None, :, :]) ** 2).sum(-1))
+    p = torch.cat([torch.ones(m, 1, dtype=c.dtype, device=c.device), c], dim=1)
+    system = torch.zeros(m + 3, m + 3, dtype=c.dtype, device=c.device)
+    system[:m, :m], system[:m, m:], system[m:, :m] = k, p, p.T
+    rhs = torch.zeros(displaced.shape[0], m + 3, 2, dtype=c.dtype, device=c.device)
+    rhs[:, :m] = displaced.double()
+    return torch.linalg.solve(system, rhs).to(displaced.dtype)
+
+
+def tps_map(points: torch.Tensor, ctrl: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """Evaluate the TPS maps ``coeffs`` (n, M + 3, 2) (from :func:`solve_tps`) at ``points`` (n, P, 2) or (P, 2) -> (n, P, 2)."""
+    m = ctrl.shape[0]
+    pts = points.expand(coeffs.shape[0], -1, -1) if points.ndim == 2 else points
+    u = _tps_kernel(((pts[:, :, None, :] - ctrl[None, None].to(pts)) ** 2).sum(-1))  # (n, P, M)
+    basis = torch.cat([u, torch.ones_like(pts[..., :1]), pts], dim=-1)  # (n, P, M + 3)
+    return basis @ coeffs.to(pts)
+
+
+def random_tps(n: int, generator: torch.Generator, grid_size: int = 5, scale: float = 0.1) -> torch.Tensor:
+    """``n`` random TPS deformations as displaced control points (n, grid_size^2, 2): where each grid point samples from.
+
+    Each control point of :func:`tps_control_points` is moved by an offset
+    uniform in +-``scale`` per axis (normalised units). Drawn on the CPU from
+    ``generator`` (resumable, like :func:`random_affine`). Bounded offsets with
+    ``scale`` well under half the grid spacing (``1 / (grid_size - 1)``) keep
+    neighbouring control points in order, so the warp does not fold.
+    """
+    ctrl = tps_control_points(grid_size)
+    offsets = (torch.rand(n, ctrl.shape[0], 2, generator=generator) * 2 - 1) * scale
+    return ctrl[None] + offsets
+
+
+def tps_grid(displaced: torch.Tensor, size: int, theta: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense ``grid_sample`` grid (n, S, S, 2) of the TPS through ``displaced`` (n, M, 2), then ``theta`` (n, 2, 3) if given.
+
+    The grid holds, for each target pixel centre ``p`` (``align_corners=False``
+    convention), the source point ``A f(p) + t``: the TPS deforms first, the
+    affine map then moves the deformed sampling positions. With zero offsets the
+    TPS is the identity and the grid is ``affine_grid(theta)``'s.
+    """
+    n, m, _ = displaced.shape
+    grid_size = int(round(math.sqrt(m)))
+    if grid_size * grid_size != m:
+        raise ValueError(f"displaced control points must form a square grid, got {m} points")
+    ctrl = tps_control_points(grid_size, displaced.device).to(displaced.dtype)
+    coeffs = solve_tps(ctrl, displaced)
+    src = tps_map(pixel_centre_grid(size, displaced.device).to(displaced.dtype), ctrl, coeffs)  # (n, S*S, 2)
+    if theta is not None:
+        th = theta.to(src)
+        src = src @ th[:, :, :2].transpose(1, 2) + th[:, None, :, 2]
+    return src.reshape(n, size, size, 2)
