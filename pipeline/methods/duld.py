@@ -97,7 +97,10 @@ class DULDConfig:
     # The k-means (pseudo-labeller fit) reads only the keypoints that are local maxima of their
     # (2r+1)^2 cells; the exemplar assignment still picks among all top_k keypoints. 0 = fit on
     # every keypoint. Dense top-k cells crowd around the strongest part (8 of 10 MTFL centroids
-    # in the eye band), while the maxima give each part about one keypoint per image.
+    # in the eye band), while the maxima give each part the detector fires on about one keypoint
+    # per image. Off by default: with r = 1 and top_k 60 MTFL gains (forward 8.22 -> 7.72,
+    # Hungarian 0.35 -> 0.58, 3 seeds) but the synthetic heads lose (forward 5.51 -> 7.62 at
+    # top_k 30); bench/results/faces.md.
     cluster_nms_radius: int = 0
     threshold: float = 0.0  # absolute heatmap (sigmoid) floor for keypoints, see nms_keypoints
     relative_threshold: float = 0.0  # keep maxima >= this fraction of the image's strongest one
