@@ -21,8 +21,8 @@ cats=${4:-../shared/data/cats100}
 SEEDS=${SEEDS:-"0 1 2"}
 CAT_BACKBONE=${CAT_BACKBONE:-$B}
 # Faces: fit the pseudo-labels on heatmap maxima and keep 60 keypoints per crop (MTFL
-# forward 8.22 -> 7.72, Hungarian 0.35 -> 0.58 over 3 seeds; not the library default: on
-# the synthetic heads it is worse, see bench/results/faces.md)
+# forward 8.22 -> 7.72, Hungarian 0.35 -> 0.58 over 3 seeds; bench/results/faces.md). The
+# shipped face backbone records it; passed here too so that any BACKBONE gets the same rule.
 DULD_OPTS=${DULD_OPTS:-"--cluster-nms-radius 1 --top-k 60"}
 export OMP_NUM_THREADS=1
 uld="uld --home $home"

@@ -186,6 +186,9 @@ def train_backbone(
     if init_from is not None:
         model = load_init_model(init_from, Path(home), image_size, channels).to(device)
         model.name = name
+        # The feature spec carries over (re-probe to change it); method settings measured on the
+        # starting model's category do not describe the new training data.
+        model.meta.pop("method_defaults", None)
         init = {
             "backbone": backbone_name(init_from),  # the folder's name, never a machine path
             "weights": weights_fingerprint(model.unet),

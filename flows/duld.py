@@ -59,6 +59,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.backbones.base import FeatureSpec
+from pipeline.backbones.defaults import method_defaults
 from pipeline.datasets.augment_views import ViewAugmentConfig
 from pipeline.errors import ConfigError, StoreError
 from pipeline.evaluation.protocols import check_box, get_protocol
@@ -426,6 +427,22 @@ def write_predictions(ctx: RunContext, round_: int, predict: Callable[[str, np.n
     return evaluate_keypoints(ctx.home, ctx.run_id, ctx.dataset, ctx.method, stage, round_, seed=ctx.seed, plot=True, **ctx.evaluation)
 
 
+def detector_gates(backbone: Any, method: str, home: str | Path | None, **given: float | int | None) -> dict[str, float | int]:
+    """The DULDConfig detector gates of a run: those ``given`` (not None), then, for the ones left
+    unset, what the backbone's folder records for ``method`` (``method_defaults`` in its
+    uld_backbone.json: measured on its category, e.g. the face DDPM's D-ULD keypoint rule in
+    bench/results/faces.md); the rest stay DULDConfig's defaults. Recorded values are printed."""
+    def typed(name: str, v: float | int) -> float | int:
+        return float(v) if name.endswith("threshold") else int(v)
+
+    gates = {name: typed(name, v) for name, v in given.items() if v is not None}
+    recorded = {name: v for name, v in method_defaults(backbone if isinstance(backbone, str) else None, method, home).items() if name not in gates}
+    if recorded:
+        print(f"{method} settings recorded with the backbone: " + ", ".join(f"{k}={v}" for k, v in sorted(recorded.items())))
+        gates.update({name: typed(name, v) for name, v in recorded.items()})
+    return gates
+
+
 # ----------------------------------------------------------------- subflows
 @flow(name="duld-bootstrap", validate_parameters=False)
 def bootstrap_flow(ctx: RunContext) -> None:
@@ -588,8 +605,8 @@ def duld(
         torch.set_num_threads(max(1, int(threads)))
     if rounds < 0:
         raise ConfigError(f"rounds must be >= 0, got {rounds}", where="--rounds")
-    gates: dict[str, float | int] = {name: float(v) for name, v in (("threshold", threshold), ("relative_threshold", relative_threshold)) if v is not None}
-    gates.update({name: int(v) for name, v in (("nms_radius", nms_radius), ("top_k", top_k), ("cluster_nms_radius", cluster_nms_radius)) if v is not None})
+    gates = detector_gates(backbone, method, home, threshold=threshold, relative_threshold=relative_threshold, nms_radius=nms_radius,
+                           top_k=top_k, cluster_nms_radius=cluster_nms_radius)
     cfg = DULDConfig(k=k, lr=lr, batch_size=batch_size, bootstrap_steps=bootstrap_steps, steps_per_round=steps_per_round, views=views, **gates)
     # A caller that already has the store (the demo, after extracting it) passes its path:
     # finding it from (backbone, spec) means loading and hashing the backbone again.

@@ -246,6 +246,9 @@ def test_warm_start_from_exported_weights(prefect_harness, workspace, tmp_path):
     train_backbone(steps=2, name="first", out=tmp_path / "first", **common)
     first = load_backbone(str(tmp_path / "first"))
     start = weights_fingerprint(first.unet)
+    # method settings measured on the first model's data must not carry over to the new one
+    meta_path = tmp_path / "first" / "uld_backbone.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "method_defaults": {"duld": {"top_k": 60}}}))
 
     summary = train_backbone(steps=2, name="second", init_from=str(tmp_path / "first"), **common)
     init = summary["init_from"]
@@ -253,7 +256,8 @@ def test_warm_start_from_exported_weights(prefect_harness, workspace, tmp_path):
     second = load_backbone("second", home=workspace.home)
     assert second.unet.config.block_out_channels == first.unet.config.block_out_channels
     assert weights_fingerprint(second.unet) != start  # it trained
-    assert json.loads((workspace.backbone_dir("second") / "uld_backbone.json").read_text())["training"]["init_from"]["weights"] == start
+    second_meta = json.loads((workspace.backbone_dir("second") / "uld_backbone.json").read_text())
+    assert second_meta["training"]["init_from"]["weights"] == start and "method_defaults" not in second_meta
 
     # raising --steps resumes the warm-started run from its own checkpoint
     assert train_backbone(steps=3, name="second", init_from=str(tmp_path / "first"), **common)["steps"] == 3

@@ -97,6 +97,33 @@ def test_keypoints_record_which_are_heatmap_maxima_when_the_fit_reads_only_those
         DULDConfig(cluster_nms_radius=-1)
 
 
+def test_detector_gates_come_from_the_call_then_the_backbone_then_the_config(tmp_path):
+    from flows.duld import detector_gates
+    from pipeline.errors import BackboneError
+
+    folder = tmp_path / "face-ddpm"
+    folder.mkdir()
+    meta = {"kind": "ddpm", "method_defaults": {"duld": {"top_k": 60, "cluster_nms_radius": 1}, "from": "a measurement"}}
+    (folder / "uld_backbone.json").write_text(json.dumps(meta))
+    gates = detector_gates(str(folder), "duld", tmp_path, top_k=None, cluster_nms_radius=None, threshold=None)
+    # (no capsys here: the first import of the flows under capture binds Prefect's console to a
+    # stream that closes with the test)
+    assert gates == {"top_k": 60, "cluster_nms_radius": 1}
+    cfg = DULDConfig(**gates)
+    assert cfg.top_k == 60 and cfg.cluster_nms_radius == 1 and cfg.nms_radius == DULDConfig().nms_radius
+    # what the caller sets wins; other methods and backbones without the entry get nothing
+    assert detector_gates(str(folder), "duld", tmp_path, top_k=30)["top_k"] == 30
+    assert detector_gates(str(folder), "mallis-d", tmp_path, top_k=None) == {}
+    assert detector_gates("pixels", "duld", tmp_path, top_k=None) == {}
+    # the shipped face backbone records its measured setting; the synthetic one records none
+    assert detector_gates(str(Path(__file__).parents[1] / "pipeline" / "assets" / "ddpm-mtfl-64"), "duld", None) == {"top_k": 60, "cluster_nms_radius": 1}
+    assert detector_gates("shipped", "duld", None) == {}
+    meta["method_defaults"]["duld"]["topk"] = 5  # a typo is an error naming the entry, not ignored
+    (folder / "uld_backbone.json").write_text(json.dumps(meta))
+    with pytest.raises(BackboneError, match="topk"):
+        detector_gates(str(folder), "duld", tmp_path)
+
+
 def _with_view(batch: dict, seed: int = 1) -> dict:
     """The batch plus a second view: here a known warp of its maps, with the transform a view store would carry."""
     from pipeline.heads.augment import AugmentConfig, random_affine, warp_features

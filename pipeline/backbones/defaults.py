@@ -63,6 +63,31 @@ def default_timesteps(spec: str | None, home: str | Path | None = None) -> tuple
     return tuple(int(t) for t in ts) if ts else FeatureSpec().timesteps
 
 
+# Settings a backbone folder may record for a landmark method (``method_defaults`` in its
+# uld_backbone.json), used where the caller leaves them unset: the detector gates that decide
+# which keypoints D-ULD clusters and assigns. Measured per category, like the feature spec.
+METHOD_DEFAULT_KEYS = {"duld": ("nms_radius", "top_k", "cluster_nms_radius", "threshold", "relative_threshold")}
+
+
+def method_defaults(spec: str | None, method: str, home: str | Path | None = None) -> dict[str, Any]:
+    """``method``'s settings recorded with the backbone ``spec`` (``{}`` when there are none).
+
+    ``uld_backbone.json`` may hold ``"method_defaults": {"duld": {"top_k": 60, ...}, "from": "..."}``
+    (``from``: where they were measured). Only :data:`METHOD_DEFAULT_KEYS` are allowed, so a
+    typo in the file is an error, not a silently ignored setting.
+    """
+    if not spec or not isinstance(spec, str):
+        return {}
+    meta = read_backbone_meta(spec, home)
+    values = dict((meta.get("method_defaults") or {}).get(method) or {})
+    allowed = METHOD_DEFAULT_KEYS.get(method, ())
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise BackboneError(f"uld_backbone.json sets unknown {method} settings {unknown}", where=f"{spec}: method_defaults.{method}",
+                            fix=f"use only {', '.join(allowed) or 'none'} (or remove the entry)")
+    return values
+
+
 def is_shipped_dir(folder: str | Path) -> bool:
     """True when ``folder`` is (inside) the package's own assets (the shipped backbone)."""
     from pipeline.backbones.loading import shipped_dir

@@ -100,7 +100,8 @@ class DULDConfig:
     # in the eye band), while the maxima give each part the detector fires on about one keypoint
     # per image. Off by default: with r = 1 and top_k 60 MTFL gains (forward 8.22 -> 7.72,
     # Hungarian 0.35 -> 0.58, 3 seeds) but the synthetic heads lose (forward 5.51 -> 7.62 at
-    # top_k 30); bench/results/faces.md.
+    # top_k 30); bench/results/faces.md. The face backbone records r = 1, top_k 60 for D-ULD
+    # (method_defaults in its uld_backbone.json, read by flows.duld.detector_gates).
     cluster_nms_radius: int = 0
     threshold: float = 0.0  # absolute heatmap (sigmoid) floor for keypoints, see nms_keypoints
     relative_threshold: float = 0.0  # keep maxima >= this fraction of the image's strongest one
