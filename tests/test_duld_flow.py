@@ -113,6 +113,7 @@ def test_detector_gates_come_from_the_call_then_the_backbone_then_the_config(tmp
     assert cfg.top_k == 60 and cfg.cluster_nms_radius == 1 and cfg.nms_radius == DULDConfig().nms_radius
     # what the caller sets wins; other methods and backbones without the entry get nothing
     assert detector_gates(str(folder), "duld", tmp_path, top_k=30)["top_k"] == 30
+    assert detector_gates(str(folder), "duld++", tmp_path, top_k=None) == {"top_k": 60, "cluster_nms_radius": 1}  # its D-ULD stage
     assert detector_gates(str(folder), "mallis-d", tmp_path, top_k=None) == {}
     assert detector_gates("pixels", "duld", tmp_path, top_k=None) == {}
     # the shipped face backbone records its measured setting; the synthetic one records none
