@@ -42,7 +42,7 @@ import torch
 
 from pipeline.backbones.ddpm import CategoryDDPM
 from pipeline.backbones.defaults import default_timesteps
-from pipeline.backbones.training import TrainConfig, autocast_dtype, train_ddpm, weights_fingerprint
+from pipeline.backbones.training import TrainConfig, autocast_dtype, plot_losses, train_ddpm, weights_fingerprint
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
@@ -95,27 +95,8 @@ def train_part(args: argparse.Namespace, crops: np.ndarray, device: torch.device
                            "loss_mean_last_100": round(float(np.mean(losses[-100:])), 5) if losses else None, **extra}
     model.to("cpu").save_pretrained(args.out / "backbone", dtype=torch.float16, extra_meta={"gpu_check": {k: v for k, v in out.items() if k != "segments"}})
     if losses:
-        plot_loss(losses, args.out / "loss.png")
+        plot_losses(losses, args.out / "loss.png", f"{Path(args.backbone).name} continued on {device}: {n} steps")
     return out
-
-
-def plot_loss(losses: list[float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(losses, lw=0.5, alpha=0.4, label="loss per step")
-    if len(losses) >= 50:
-        ax.plot(np.arange(49, len(losses)), np.convolve(losses, np.ones(50) / 50, mode="valid"), label="50-step mean")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("epsilon MSE")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def extraction_part(args: argparse.Namespace, crops: np.ndarray, device: torch.device) -> dict[str, Any]:

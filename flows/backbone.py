@@ -22,7 +22,6 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline.datasets.crop import DEFAULT_CROP_MARGIN
 from pipeline.errors import ConfigError
-from storage.atomic import atomic_path
 from storage.layout import Workspace
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -48,33 +47,6 @@ def machine_description() -> str:
     except OSError:
         pass
     return f"CPU {model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
-
-
-def plot_losses(losses: list[float], path: Path, title: str) -> Path:
-    """Raw per-step loss and a 50-step moving average, written atomically as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    y = np.asarray(losses, dtype=np.float64)
-    x = np.arange(1, len(y) + 1)
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(x, y, lw=0.5, alpha=0.35, label="loss per step")
-    w = min(50, len(y))
-    if w >= 2:
-        ma = np.convolve(y, np.ones(w) / w, mode="valid")
-        ax.plot(x[w - 1 :], ma, lw=1.5, label=f"{w}-step mean")
-    ax.set_xlabel("step")
-    ax.set_ylabel("epsilon MSE")
-    ax.set_yscale("log")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
 
 
 @task(name="load-training-crops", cache_policy=NO_CACHE)
@@ -166,7 +138,7 @@ def train_backbone(
 
     from pipeline.backbones.ddpm import CategoryDDPM, unet_arch
     from pipeline.backbones.loading import backbone_name
-    from pipeline.backbones.training import TrainConfig, list_checkpoints, weights_fingerprint
+    from pipeline.backbones.training import TrainConfig, list_checkpoints, plot_losses, weights_fingerprint
 
     log = get_run_logger()
     if save_dtype not in _DTYPES:

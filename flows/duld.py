@@ -431,17 +431,14 @@ def detector_gates(backbone: Any, method: str, home: str | Path | None, **given:
     """The DULDConfig detector gates of a run: those ``given`` (not None), then, for the ones left
     unset, what the backbone's folder records for ``method`` (``method_defaults`` in its
     uld_backbone.json: measured on its category, e.g. the face DDPM's D-ULD keypoint rule in
-    bench/results/faces.md); the rest stay DULDConfig's defaults. Recorded values are printed.
-
-    D-ULD++ reads D-ULD's entry: its first stage *is* D-ULD (the rounds the proxy task and TSC
-    build on), so both share the keypoint rule and an ablation compares like with like. Mallis
-    (D) reads only an entry of its own (with the face rule it was worse on MTFL: 9.49 vs 8.63)."""
+    bench/results/faces.md; D-ULD++ reads D-ULD's entry, see
+    ``pipeline.backbones.defaults.METHOD_DEFAULT_ENTRY``); the rest stay DULDConfig's defaults.
+    Recorded values are printed."""
     def typed(name: str, v: float | int) -> float | int:
         return float(v) if name.endswith("threshold") else int(v)
 
-    entry = "duld" if method in ("duld", "duld++") else method
     gates = {name: typed(name, v) for name, v in given.items() if v is not None}
-    recorded = {name: v for name, v in method_defaults(backbone if isinstance(backbone, str) else None, entry, home).items() if name not in gates}
+    recorded = {name: v for name, v in method_defaults(backbone if isinstance(backbone, str) else None, method, home).items() if name not in gates}
     if recorded:
         print(f"{method} settings recorded with the backbone: " + ", ".join(f"{k}={v}" for k, v in sorted(recorded.items())))
         gates.update({name: typed(name, v) for name, v in recorded.items()})

@@ -456,3 +456,32 @@ def train_ddpm(
         total_wall_seconds=None if wall_before is None else wall_before + wall,
         segments=segments_now(),
     )
+
+
+def plot_losses(losses: list[float], path: Path, title: str) -> Path:
+    """Raw per-step loss and a 50-step moving average, written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y = np.asarray(losses, dtype=np.float64)
+    x = np.arange(1, len(y) + 1)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(x, y, lw=0.5, alpha=0.35, label="loss per step")
+    w = min(50, len(y))
+    if w >= 2:
+        ma = np.convolve(y, np.ones(w) / w, mode="valid")
+        ax.plot(x[w - 1 :], ma, lw=1.5, label=f"{w}-step mean")
+    ax.set_xlabel("step")
+    ax.set_ylabel("epsilon MSE")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    from storage.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
