@@ -27,7 +27,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pandas as pd
@@ -172,7 +172,8 @@ def ablation(
     frame = collect(home, ablation_id, list(seeds), evaluation)
     folder = ws.ablation_dir(ablation_id)
     parquet = write_table(frame, folder / TABLE_NAME, "ablation", metadata={"settings": settings, "seeds": list(seeds)})
-    notes = [f"dataset `{dataset}`, feature store `{store.path.name}` ({store.path.parent.name}), K = {k}, seeds {', '.join(map(str, seeds))}",
+    where = PurePosixPath(str(store.path))  # a folder or an fsspec URL
+    notes = [f"dataset `{dataset}`, feature store `{where.name}` ({where.parent.name}), K = {k}, seeds {', '.join(map(str, seeds))}",
              f"D-ULD / Mallis (D): bootstrap {bootstrap_steps} steps + {rounds} rounds x {steps_per_round} steps; D-ULD++: the same, "
              f"then the proxy stage ({proxy} steps) and {tsc_rounds} TSC rounds (Q = {q}) trained with Eq. 3 on the encoder; "
              "'w/ full VAE': the same run with the TSC rounds trained by the whole VAE's ELBO instead",

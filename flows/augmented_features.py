@@ -19,7 +19,7 @@ import hashlib
 import inspect
 import json
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -109,7 +109,7 @@ def view_shard_task(
 def view_store_path(home: str | Path, dataset: str, main: FeatureStore, views: ViewAugmentConfig) -> Path:
     """Where the view store of (main store, augmentation config) lives."""
     _, vhash = views_config(main, views)
-    name = str(main.config.get("backbone_name") or main.path.parent.name.removesuffix(".zarr"))
+    name = str(main.config.get("backbone_name") or PurePosixPath(str(main.path)).parent.name.removesuffix(".zarr"))  # a folder or a URL
     return Workspace(Path(home)).view_store(dataset, name, main.config_hash, vhash)
 
 

@@ -43,8 +43,9 @@ def _main(
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where user datasets live (env ULD_DATA; default ./data)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (env ULD_DEVICE; default auto)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Global seed (env ULD_SEED; default 0)."),
+    runs_url: Optional[str] = typer.Option(None, "--runs-url", help="Also keep run folders at this fsspec URL (s3://bucket/runs, ...): copied at the end of every round and command, fetched by --resume where the local folder is missing (env ULD_RUNS_URL)."),
 ) -> None:
-    ctx.obj = Settings.from_env(home=home, data_root=data_root, device=device, seed=seed)
+    ctx.obj = Settings.from_env(home=home, data_root=data_root, device=device, seed=seed, runs_url=runs_url)
     # Here, not at start-up: `uld --help` never gets here, and --home is known. Prefect
     # is first imported inside a command, after this.
     _prefect_defaults(ctx.obj.home)
@@ -60,7 +61,7 @@ def settings(ctx: typer.Context) -> Settings:
 # pay for importing every other command (the dataset loaders' pandas alone is ~1 s on 2 busy
 # cores). Anything else (`uld --help`, other commands, unparsed argv) registers them all.
 _ALONE = {"features": "cli_features"}
-_VALUE_OPTIONS = ("--home", "--data-root", "--device", "--seed")  # the root options that take a value
+_VALUE_OPTIONS = ("--home", "--data-root", "--device", "--seed", "--runs-url")  # the root options that take a value
 
 
 def invoked_command(argv: list[str]) -> str | None:

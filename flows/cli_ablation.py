@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
     def ablation_cmd(
         ctx: typer.Context,
         dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset with manifests and cached features in the workspace."),
-        store: Optional[Path] = typer.Option(None, "--store", help="Read this feature store folder directly (e.g. the demo's) instead of finding it from --backbone and the feature options."),
+        store: Optional[str] = typer.Option(None, "--store", help="Read this feature store (a folder or an fsspec URL) directly (e.g. the demo's) instead of finding it from --backbone and the feature options."),
         backbone: str = typer.Option("shipped", "--backbone", "-b", help="Backbone of the features (also renders the augmented views)."),
         seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated seeds; every row is run once per seed (mean +- std in the table)."),
         k: int = typer.Option(10, "-k", "--k", help="Number of landmarks K."),

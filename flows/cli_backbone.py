@@ -137,7 +137,7 @@ def register(app: typer.Typer) -> None:
         size: int = typer.Option(64, "--size", help="Crop size in pixels fed to the UNet (as in `uld features`)."),
         crop_margin: float = typer.Option(DEFAULT_CROP_MARGIN, "--crop-margin", help="Margin around the object box, as a fraction of its size (as in `uld features`)."),
         reduce_channels: Optional[int] = typer.Option(None, "--reduce-channels", help="Project each layer to this many channels (as in `uld features`)."),
-        store: Optional[Path] = typer.Option(None, "--store", help="Probe this feature store folder instead of finding (or extracting) it from the options."),
+        store: Optional[str] = typer.Option(None, "--store", help="Probe this feature store (a folder or an fsspec URL) instead of finding (or extracting) it from the options."),
         n_images: int = typer.Option(100, "--n-images", min=2, help="Validation subset: this many train images (BLAKE2b of id and --seed; never test images)."),
         n_pairs: int = typer.Option(200, "--n-pairs", min=1, help="Random ordered image pairs (A -> B) of the subset."),
         alpha: float = typer.Option(0.1, "--alpha", help="A transfer is correct within alpha x the object size of B."),

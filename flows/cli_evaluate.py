@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -48,10 +47,13 @@ def register(app: typer.Typer) -> None:
 
         get_protocol(protocol).with_overrides(n_regressor_images, repeats, forward_lambda, backward_lambda)  # bad options fail first
         s = settings(ctx)
-        evaluate(
-            run, home=s.home, dataset=dataset, **eval_options(protocol, box, n_regressor_images, repeats), seed=s.seed,
-            forward_lambda=forward_lambda, backward_lambda=backward_lambda, missing=missing, stage=stage, round_=round_,
-        )
+        from flows.run_mirror import mirrored_run
+
+        with mirrored_run(s.home, run, s.runs_url, resume=True):  # with --runs-url: fetched when missing here, copied back
+            evaluate(
+                run, home=s.home, dataset=dataset, **eval_options(protocol, box, n_regressor_images, repeats), seed=s.seed,
+                forward_lambda=forward_lambda, backward_lambda=backward_lambda, missing=missing, stage=stage, round_=round_,
+            )
         print_metrics(s.home, run)
 
     @app.command("evaluate-baseline")
@@ -62,7 +64,7 @@ def register(app: typer.Typer) -> None:
         backbone: str = typer.Option("shipped", "--backbone", "-b", help="Backbone of the feature store whose crops to use."),
         k: int = typer.Option(10, "-k", "--k", help="Number of random landmarks (ignored by mean-shape)."),
         run_id: Optional[str] = typer.Option(None, "--run-id", help="Run folder name; default: a fresh baseline-<name>-<time>-<hash>."),
-        store: Optional[Path] = typer.Option(None, "--store", help="Read this feature store folder directly."),
+        store: Optional[str] = typer.Option(None, "--store", help="Read this feature store (a folder or an fsspec URL) directly."),
         timesteps: Timesteps = None,
         layers: Layers = None,
         size: Size = 64,
@@ -87,9 +89,14 @@ def register(app: typer.Typer) -> None:
         if name not in BASELINES:
             raise ConfigError(f"unknown baseline {name!r}", where="NAME", fix=f"use one of: {', '.join(BASELINES)}")
         s = settings(ctx)
+        from flows.results import new_run_id
+        from flows.run_mirror import mirrored_run
+
         spec = feature_spec(size, timesteps, layers, crop_margin, reduce_channels, s.seed, backbone=backbone, home=s.home)
-        rid = reference_baseline(
-            dataset, name, backbone, spec, k, home=s.home, seed=s.seed, run_id=run_id, store_path=store,
-            eval_cfg=eval_options(protocol, box, n_regressor_images, repeats), device=resolve_device(s.device),
-        )
+        run_id = run_id or new_run_id(f"baseline-{name}")
+        with mirrored_run(s.home, run_id, s.runs_url, resume=False):
+            rid = reference_baseline(
+                dataset, name, backbone, spec, k, home=s.home, seed=s.seed, run_id=run_id, store_path=store,
+                eval_cfg=eval_options(protocol, box, n_regressor_images, repeats), device=resolve_device(s.device),
+            )
         print_metrics(s.home, rid)

@@ -6,7 +6,7 @@ import time
 
 import typer
 
-from flows.cli_options import CropMargin, Layers, ReduceChannels, Size, Timesteps, feature_spec
+from flows.cli_options import CropMargin, DaskAddress, DaskWorkers, Layers, ReduceChannels, Size, Timesteps, feature_spec
 
 
 def register(app: typer.Typer) -> None:
@@ -27,8 +27,8 @@ def register(app: typer.Typer) -> None:
         skip_bad: bool = typer.Option(False, "--skip-bad", help="Store zeros and mark invalid any image that cannot be read, instead of stopping."),
         verify: bool = typer.Option(False, "--verify", help="Only check the store of this configuration: list missing, damaged or unfinished pieces (exit 2 if any); extract nothing."),
         deep: bool = typer.Option(False, "--deep", help="Also decode every stored chunk (checks each CRC32C; reads the whole store). With --verify: report; without: re-extract what fails."),
-        dask_address: str = typer.Option(None, "--dask-address", help="Run the shard tasks on this Dask scheduler (tcp://HOST:8786; workers must see the workspace and images). Needs the [dask] extra."),
-        dask_workers: int = typer.Option(None, "--dask-workers", help="Run the shard tasks on a local Dask cluster of N single-threaded worker processes (0: one per GPU, else one per core). Needs the [dask] extra."),
+        dask_address: DaskAddress = None,
+        dask_workers: DaskWorkers = None,
         store_url: str = typer.Option(None, "--store-url", help="Keep the store below this folder or fsspec URL (s3://bucket/prefix, gs://...) instead of <home>/features; credentials and endpoint from the usual environment (AWS_* for S3). Needs s3fs / gcsfs for those."),
     ) -> None:
         """Extract diffusion hyperfeatures of every train and test image into a sharded Zarr store.

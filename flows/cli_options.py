@@ -27,6 +27,10 @@ ReduceChannels = Annotated[Optional[int], typer.Option("--reduce-channels", help
 # 1 is fastest on a shared 2-core machine (more threads oversubscribe: 0.3-1 steps/s instead of 2.9 measured).
 TRAIN_THREADS = 1
 
+# Dask fan-out (`uld features` shards, `uld train` rounds' keypoint extraction; the [dask] extra).
+DaskAddress = Annotated[Optional[str], typer.Option("--dask-address", help="Run the fanned-out tasks on this Dask scheduler (tcp://HOST:8786; workers must see the workspace, images and feature store). Needs the [dask] extra.")]
+DaskWorkers = Annotated[Optional[int], typer.Option("--dask-workers", help="Run the fanned-out tasks on a local Dask cluster of N single-threaded worker processes (0: one per GPU, else one per core). Needs the [dask] extra.")]
+
 # Evaluation options shared by `uld evaluate` and every method command that evaluates
 # (zeroshot, duld, evaluate-baseline): pipeline.evaluation.protocols defines the values.
 Protocol = Annotated[str, typer.Option("--protocol", help="Regressor protocol: paper (ridge, lambda 0.001/0.1 x max(XtX) fwd/bwd, 300 images, 5 repeats; 001 Table 1) | mallis (ridge, lambda 0.1 both, 10 repeats, all images forward on 5-point sets) | lstsq (least squares without intercept, all images). Recorded in every metrics row.")]

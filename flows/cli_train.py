@@ -38,7 +38,7 @@ from typing import Any, Optional
 
 import typer
 
-from flows.cli_options import Box, CropMargin, Layers, Protocol, ReduceChannels, Size, Timesteps, eval_options, feature_spec
+from flows.cli_options import Box, CropMargin, DaskAddress, DaskWorkers, Layers, Protocol, ReduceChannels, Size, Timesteps, eval_options, feature_spec
 from pipeline.errors import ConfigError
 from pipeline.settings import Settings
 
@@ -46,7 +46,10 @@ from pipeline.settings import Settings
 METHOD_MODULES: tuple[str, ...] = ("flows.cli_condgen", "flows.cli_stablekeypoints")
 
 # Options of `uld train` that only some methods read; their default is None ("not given").
-METHOD_ONLY_OPTIONS = ("m", "steps", "q", "proxy_steps", "duld_rounds", "tsc_loss")
+# METHOD_PARAMS are the method settings among them (the engine records them in the run's config:
+# part of what --resume must match); the Dask options only say where the rounds are computed.
+METHOD_PARAMS = ("m", "steps", "q", "proxy_steps", "duld_rounds", "tsc_loss")
+METHOD_ONLY_OPTIONS = (*METHOD_PARAMS, "dask_address", "dask_workers")
 
 Runner = Callable[["TrainRequest"], Any]
 
@@ -141,9 +144,17 @@ def run_method(ctx: typer.Context, method: str, options: dict[str, Any]) -> None
             raise ConfigError(f"--{name.replace('_', '-')} does not apply to --method {method}", where=f"--{name.replace('_', '-')}",
                               fix=f"drop it (it is read by: {', '.join(users) or 'no method'})")
     params = parse_params(options.pop("param", None))
-    request = TrainRequest(method=method, settings=settings(ctx), options=options, params=params)
+    s = settings(ctx)
+    if s.runs_url is not None and options.get("run_id") is None and not options.get("resume"):
+        from flows.results import new_run_id
+
+        options["run_id"] = new_run_id(method)  # the copy at --runs-url needs the id before the run starts
+    request = TrainRequest(method=method, settings=s, options=options, params=params)
     t0 = time.perf_counter()
-    table = entry.run(request)
+    from flows.run_mirror import mirrored_run
+
+    with mirrored_run(s.home, options.get("run_id"), s.runs_url, bool(options.get("resume"))):
+        table = entry.run(request)
     if table is not None:
         from flows.summary import print_summary
 
@@ -194,6 +205,8 @@ def train_cmd(
     nms_radius: Optional[int] = typer.Option(None, "--nms-radius", help="Detector: a keypoint must be the maximum of its (2r+1)^2 cells; 0 = every cell is a candidate (SiLK's dense keypoints). Default: the method's."),
     cluster_nms_radius: Optional[int] = typer.Option(None, "--cluster-nms-radius", help="Pseudo-labels: fit the k-means on the keypoints that are maxima of their (2r+1)^2 cells only (each part about once per image), then assign among all keypoints; 0 = fit on every keypoint. Default: the method's."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Detector: at most this many keypoints per image (the strongest). Default: the method's."),
+    dask_address: DaskAddress = None,
+    dask_workers: DaskWorkers = None,
     threads: int = typer.Option(1, "--threads", help="torch CPU threads. 1 is fastest on a shared 2-core machine (more threads oversubscribe); raise it on an idle multi-core one."),
     protocol: Protocol = "paper",
     box: Box = "landmarks",
@@ -259,14 +272,17 @@ def run_feature_heads(req: TrainRequest) -> Any:
         channels=o["channels"], descriptor_dim=o["descriptor_dim"], progress=o["progress"], threads=o["threads"], roi=o["roi"], device=s.device,
         views=views, threshold=o["threshold"], relative_threshold=o["relative_threshold"],
         nms_radius=o.get("nms_radius"), top_k=o.get("top_k"), cluster_nms_radius=o.get("cluster_nms_radius"), store_path=o["store"],
-        method=req.method, method_params={name: o[name] for name in METHOD_ONLY_OPTIONS if o.get(name) is not None},
+        method=req.method, method_params={name: o[name] for name in METHOD_PARAMS if o.get(name) is not None}, runs_url=s.runs_url,
         evaluation=eval_options(o.get("protocol") or "paper", o.get("box") or "landmarks"),
+        dask_address=o.get("dask_address"), dask_workers=o.get("dask_workers"),
     )
 
 
-register_method("duld", "D-ULD (paper 001, Sec 3.2): bootstrapped heads on cached features, k-means (K) pseudo-labels per round.")(run_feature_heads)
+ENGINE_OPTIONS = ("dask_address", "dask_workers")  # read by every engine method
+register_method("duld", "D-ULD (paper 001, Sec 3.2): bootstrapped heads on cached features, k-means (K) pseudo-labels per round.",
+                own_options=ENGINE_OPTIONS)(run_feature_heads)
 register_method("mallis-d", "Mallis (D) (paper 001, Table 1): the same engine, K clusters over-clustered into --m (default 100) training labels.",
-                own_options=("m",))(run_feature_heads)
+                own_options=("m", *ENGINE_OPTIONS))(run_feature_heads)
 register_method("duld++", "D-ULD++ (paper 001, Sec 3.3): the engine's D-ULD rounds (--duld-rounds), a pose-guided proxy task "
                 "(pose VAE + ELBO, --proxy-steps), then --rounds rounds of two-stage clustering (--q pose clusters x K) with Eq. 3.",
-                own_options=("q", "proxy_steps", "duld_rounds", "tsc_loss"))(run_feature_heads)
+                own_options=("q", "proxy_steps", "duld_rounds", "tsc_loss", *ENGINE_OPTIONS))(run_feature_heads)

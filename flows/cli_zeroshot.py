@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         max_train_images: Optional[int] = typer.Option(None, "--max-train-images", help="Use a seeded subset of this many training images (sampling and regressor pool)."),
         run_id: Optional[str] = typer.Option(None, "--run-id", help="Run folder name under runs/; default: a fresh zeroshot-<time>-<hash>. An existing run with the same config resumes."),
         resume: bool = typer.Option(False, "--resume", help="Continue the existing run --run-id; an error when no such run exists (instead of silently starting a new one)."),
-        store: Optional[Path] = typer.Option(None, "--store", help="Read this feature store folder directly instead of looking it up from the options below."),
+        store: Optional[str] = typer.Option(None, "--store", help="Read this feature store (a folder or an fsspec URL such as s3://bucket/features/...) directly instead of looking it up from the options below."),
         timesteps: Timesteps = None,
         layers: Layers = None,
         size: Size = 64,
@@ -65,26 +65,29 @@ def register(app: typer.Typer) -> None:
 
         s = settings(ctx)
         eval_cfg = eval_options(protocol, box, n_regressor_images, repeats)
-        if resume:
-            from pipeline.errors import ConfigError
-            from storage.layout import Workspace
+        from flows.results import new_run_id
+        from flows.run_mirror import mirrored_run
+        from pipeline.errors import ConfigError
+        from storage.layout import Workspace
 
-            if run_id is None:
-                raise ConfigError("--resume needs the --run-id of the run to continue", where="--resume", fix="pass --run-id <id> (see `ls <home>/runs`)")
-            if not Workspace(s.home).run_file(run_id, "config.json").is_file():
+        if resume and run_id is None:
+            raise ConfigError("--resume needs the --run-id of the run to continue", where="--resume", fix="pass --run-id <id> (see `ls <home>/runs`)")
+        run_id = run_id or new_run_id("zeroshot")
+        t0 = time.perf_counter()
+        with mirrored_run(s.home, run_id, s.runs_url, resume):  # with --runs-url: fetched first when resuming, copied when done
+            if resume and not Workspace(s.home).run_file(run_id, "config.json").is_file():
                 raise ConfigError(
                     f"no run {run_id!r} to resume",
                     where=str(Workspace(s.home).run_dir(run_id)),
                     fix="drop --resume to start a new run with this id, or give the --run-id of an existing run (see `ls <home>/runs`)",
                 )
-        spec = feature_spec(size, timesteps, layers, crop_margin, reduce_channels, s.seed, backbone=backbone, home=s.home)
-        t0 = time.perf_counter()
-        rid = zeroshot(
-            dataset, backbone, spec, k, samples_per_image, home=s.home, seed=s.seed, run_id=run_id,
-            store_path=store, n_test_samples=test_samples, proj_dim=proj_dim, max_train_images=max_train_images,
-            batch_size=batch_size, n_init=n_init, max_iter=max_iter, evaluate=evaluate,
-            eval_cfg=eval_cfg, device=resolve_device(s.device), force=force, roi=roi,
-            n_candidates=candidates, min_presence=min_presence, min_coherence=min_coherence, progress=progress,
-        )
+            spec = feature_spec(size, timesteps, layers, crop_margin, reduce_channels, s.seed, backbone=backbone, home=s.home)
+            rid = zeroshot(
+                dataset, backbone, spec, k, samples_per_image, home=s.home, seed=s.seed, run_id=run_id,
+                store_path=store, n_test_samples=test_samples, proj_dim=proj_dim, max_train_images=max_train_images,
+                batch_size=batch_size, n_init=n_init, max_iter=max_iter, evaluate=evaluate,
+                eval_cfg=eval_cfg, device=resolve_device(s.device), force=force, roi=roi,
+                n_candidates=candidates, min_presence=min_presence, min_coherence=min_coherence, progress=progress,
+            )
         print_metrics(s.home, rid)
         typer.echo(f"time: {time.perf_counter() - t0:.1f} s")

@@ -44,6 +44,7 @@ exactly the same computation (same numbers on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -76,11 +77,13 @@ from pipeline.methods.duld import (
     train_self_round,
 )
 from flows.artifacts import publish_round_artifacts
+from flows.keypoints_dask import round_task_runner
 from storage.atomic import atomic_path, write_json
 from storage.features import FeatureStore
 from storage.feature_loader import make_loader
 from storage.layout import Workspace
 from storage.locks import claim, releases_claims
+from storage.run_mirror import RunMirror
 from storage.tables import append_table
 
 log = logging.getLogger(__name__)
@@ -161,6 +164,8 @@ class RunContext:
     method: str = METHOD  # written into every table row
     labeller: dict = field(default_factory=dict)  # make_labeller spec; {} = D-ULD's k-means from ``config``
     duldpp: dict = field(default_factory=dict)  # duldpp_settings of a D-ULD++ run; {} = every round is a D-ULD round
+    mirror: RunMirror | None = None  # where the run folder is copied after every round (--runs-url), or None
+    dask_address: str | None = None  # scheduler the rounds' keypoint extraction fans out to (flows.keypoints_dask), or None
 
     def make_labeller(self) -> PseudoLabeller:
         """A fresh (unfitted) pseudo-labeller of this run's method."""
@@ -385,10 +390,21 @@ def train_round_task(ctx: RunContext, round_: int, model: ULDHeads, optimizer: t
         print(f"round {round_}: {len(records)} steps in {time.perf_counter() - t0:.0f} s, last loss {records[-1]['loss']:.3f}")
 
 
+def train_keypoints(ctx: RunContext, model: ULDHeads) -> KeypointSet:
+    """Step 1 of a round: the heads' keypoints and descriptors on every training image; in
+    blocks over the Dask cluster when the run has one (same keypoints, see flows.keypoints_dask).
+    Called from a subflow, not a task: the blocks are tasks of that subflow's runner."""
+    if ctx.dask_address is None:
+        return extract_keypoints(model, ordered_batches(ctx, ctx.train_rows), ctx.config, ctx.progress, rois=ctx.rois)
+    from flows.keypoints_dask import fan_out_keypoints
+
+    return fan_out_keypoints(ctx.store, model, ctx.train_rows, ctx.config, ctx.rois, ctx.eval_batch)
+
+
 @task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
-def evaluate_task(ctx: RunContext, round_: int, model: ULDHeads) -> tuple[PseudoLabeller, KeypointSet, pd.DataFrame]:
-    """Step 4: fit the labeller on the trained heads' train keypoints, predict K landmarks
-    (its ``landmark_centers_``) on both splits, NME.
+def evaluate_task(ctx: RunContext, round_: int, model: ULDHeads, kp: KeypointSet) -> tuple[PseudoLabeller, KeypointSet, pd.DataFrame]:
+    """Step 4: fit the labeller on the trained heads' train keypoints ``kp`` (:func:`train_keypoints`),
+    predict K landmarks (its ``landmark_centers_``) on both splits, NME.
 
     The centroids used for prediction come from the *trained* heads (the
     pseudo-label centroids of step 2 live in the descriptor space before
@@ -396,7 +412,6 @@ def evaluate_task(ctx: RunContext, round_: int, model: ULDHeads) -> tuple[Pseudo
     saved with the checkpoint: the next round's pseudo-labels start from them) and the
     metric rows.
     """
-    kp = extract_keypoints(model, ordered_batches(ctx, ctx.train_rows), ctx.config, ctx.progress, rois=ctx.rois)
     labeller = ctx.make_labeller().fit(kp.peaks(), ctx.train_rows, seed=labeller_seed(ctx, round_))
     centers = labeller.landmark_centers_
     rows = write_predictions(ctx, round_, lambda split, rows: predict_landmarks(model, ordered_batches(ctx, rows), centers, ctx.config, ctx.progress, rois=ctx.rois))
@@ -445,14 +460,24 @@ def detector_gates(backbone: Any, method: str, home: str | Path | None, **given:
     return gates
 
 
+def round_finished(ctx: RunContext, stage: str, round_: int) -> None:
+    """A round's checkpoint is written: show it in the UI (Prefect artifacts) and copy the run to
+    ``--runs-url`` (while this flow still holds the run's lock)."""
+    publish_round_artifacts(ctx.home, ctx.run_id, stage, round_)
+    if ctx.mirror is not None:
+        from flows.run_mirror import push
+
+        push(ctx.mirror)
+
+
 # ----------------------------------------------------------------- subflows
 @flow(name="duld-bootstrap", validate_parameters=False)
 def bootstrap_flow(ctx: RunContext) -> None:
     """Bootstrap the heads, evaluate them as round 0, checkpoint ``bootstrap-000``."""
     model, optimizer = train_bootstrap_task(ctx)
-    labeller, kp, rows = evaluate_task(ctx, 0, model)
+    labeller, kp, rows = evaluate_task(ctx, 0, model, train_keypoints(ctx, model))
     save_checkpoint(checkpoint_dir(ctx, BOOTSTRAP, 0), model, optimizer, labeller, kp, _state(ctx, 0, rows))
-    publish_round_artifacts(ctx.home, ctx.run_id, BOOTSTRAP, 0)
+    round_finished(ctx, BOOTSTRAP, 0)
 
 
 @flow(name="duld-round", validate_parameters=False)
@@ -464,7 +489,7 @@ def round_flow(ctx: RunContext, round_: int) -> None:
         from flows.duldpp_stages import run_stage
 
         run_stage(ctx, round_)
-        publish_round_artifacts(ctx.home, ctx.run_id, stage, stage_round)
+        round_finished(ctx, stage, stage_round)
         return
     prev_stage, prev_round = ctx.stage_of(round_ - 1)
     # The previous round's evaluation already ran these heads over the train images and
@@ -472,10 +497,10 @@ def round_flow(ctx: RunContext, round_: int) -> None:
     model, optimizer, labeller, kp = load_checkpoint(checkpoint_dir(ctx, prev_stage, prev_round), ctx.config.lr, ctx.make_labeller())
     pl = pseudo_labels_task(ctx, round_, kp, labeller)
     train_round_task(ctx, round_, model, optimizer, pl)
-    labeller, kp, rows = evaluate_task(ctx, round_, model)
+    labeller, kp, rows = evaluate_task(ctx, round_, model, train_keypoints(ctx, model))
     save_checkpoint(checkpoint_dir(ctx, ROUND, round_), model, optimizer, labeller, kp, _state(ctx, round_, rows))
     # the UI shows NME per round and the round's files (a Prefect artifact; nothing outside a flow run)
-    publish_round_artifacts(ctx.home, ctx.run_id, ROUND, round_)
+    round_finished(ctx, ROUND, round_)
 
 
 def _state(ctx: RunContext, round_: int, rows: pd.DataFrame) -> dict:
@@ -564,6 +589,10 @@ def duld(
     evaluation: dict | None = None,
     method: str = METHOD,
     method_params: dict | None = None,
+    runs_url: str | None = None,
+    dask_address: str | None = None,
+    dask_workers: int | None = None,
+    eval_batch: int = 32,
 ) -> pd.DataFrame:
     """Train D-ULD (or another :data:`ENGINE_METHODS` method) on a dataset's cached features and evaluate every round.
 
@@ -573,6 +602,14 @@ def duld(
     ``method_params["duld_rounds"]`` D-ULD rounds (default 2), the proxy-task stage
     (``proxy_steps``, default ``steps_per_round``), then ``rounds`` TSC rounds with ``q`` pose
     clusters (default 5); see :mod:`flows.duldpp_stages`.
+
+    ``dask_address`` / ``dask_workers``: fan each round's keypoint extraction over the training
+    images out to that Dask scheduler, or to a LocalCluster of that many workers started for the
+    run (:mod:`flows.keypoints_dask`; the keypoints are the same as in one process).
+    ``eval_batch``: images per batch of the keypoint / landmark passes (bounds their memory).
+
+    ``runs_url``: copy the run folder to ``<runs_url>/<run id>`` after every round
+    (:mod:`storage.run_mirror`; the command copies it once more when it ends).
 
     ``evaluation``: settings passed to ``flows.results.evaluate_keypoints``
     (``protocol``, ``box``, ``n_regressor_images``, ``repeats``); None = its defaults.
@@ -665,8 +702,9 @@ def duld(
     # The run exists (config.json) only once its inputs check out: a command that fails on them
     # (e.g. views of another backbone) leaves no run behind that the corrected command would trip over.
     write_run_config(home, run_id, config)
-    ctx = RunContext(home, run_id, dataset, store, train_rows, test_rows, cfg, heads, int(seed), progress, rois=rois, views=view_store,
-                     evaluation=dict(evaluation or {}), method=method, labeller=labeller_spec, duldpp=pp)
+    ctx = RunContext(home, run_id, dataset, store, train_rows, test_rows, cfg, heads, int(seed), progress, eval_batch=int(eval_batch), rois=rois, views=view_store,
+                     evaluation=dict(evaluation or {}), method=method, labeller=labeller_spec, duldpp=pp,
+                     mirror=RunMirror.for_run(runs_url, Workspace(home).run_dir(run_id)) if runs_url else None)
     total = ctx.total_rounds(rounds)
     done = completed_rounds(ctx, total)
     if resuming:
@@ -675,12 +713,20 @@ def duld(
         print(f"run {run_id}: {len(train_rows)} train / {len(test_rows)} test images, heads at {res}x{res}")
     t0 = time.perf_counter()
     limit = total if max_rounds is None else min(total, int(max_rounds))
-    if done < 0 and limit >= 0:
-        bootstrap_flow.with_options(flow_run_name="bootstrap")(ctx)
-        done = 0
-    for r in range(done + 1, limit + 1):
-        name = f"round-{r}" if ctx.stage_of(r)[0] == ROUND else f"{ctx.stage_of(r)[0]}-{r}"
-        round_flow.with_options(name=name, flow_run_name=name)(ctx, r)
+    with contextlib.ExitStack() as stack:
+        if (dask_address, dask_workers) != (None, None) and done < limit:
+            from flows.keypoints_dask import dask_scheduler
+
+            ctx.dask_address = stack.enter_context(dask_scheduler(dask_address, dask_workers))
+            print(f"keypoint extraction of the rounds fanned out to the Dask scheduler {ctx.dask_address}")
+        runner = round_task_runner(ctx.dask_address)
+        if done < 0 and limit >= 0:
+            bootstrap_flow.with_options(flow_run_name="bootstrap", **runner)(ctx)
+            done = 0
+        for r in range(done + 1, limit + 1):
+            name = f"round-{r}" if ctx.stage_of(r)[0] == ROUND else f"{ctx.stage_of(r)[0]}-{r}"
+            round_flow.with_options(name=name, flow_run_name=name, **runner)(ctx, r)
+        ctx.dask_address = None
     title = METHOD_TITLES.get(method, method)
     if method == "duld++":
         from flows.duldpp_stages import ensure_pose_analysis

@@ -69,6 +69,7 @@ from flows.duld import (
     pseudo_labels_task,
     pseudolabels_frame,
     save_checkpoint,
+    train_keypoints,
     training_batches,
     write_predictions,
 )
@@ -77,7 +78,7 @@ from pipeline.heads.model import ULDHeads
 from pipeline.heads.pose_vae import PoseVAE, PoseVAEConfig
 from pipeline.labelling import KeypointSet, PseudoLabels
 from pipeline.labelling.two_stage import TwoStageLabeller, TwoStageLabels
-from pipeline.methods.duld import extract_keypoints, predict_landmarks, seeded_generator
+from pipeline.methods.duld import predict_landmarks, seeded_generator
 from pipeline.methods.duldpp import (
     DULDPPConfig,
     build_pose_vae,
@@ -207,10 +208,10 @@ def train_tsc_task(ctx: RunContext, round_: int, model: ULDHeads, vae: PoseVAE, 
 
 
 @task(name="evaluate-tsc", cache_policy=NO_CACHE, persist_result=False)
-def evaluate_tsc_task(ctx: RunContext, round_: int, model: ULDHeads, vae: PoseVAE) -> tuple[TwoStageLabeller, KeypointSet, np.ndarray, pd.DataFrame]:
-    """Train keypoints + pose codes -> TSC labeller; K landmarks per image with its pose cluster's
-    centroids in identity order (both splits) -> keypoints / metrics (``flows.duld.write_predictions``)."""
-    kp = extract_keypoints(model, ordered_batches(ctx, ctx.train_rows), ctx.config, ctx.progress, rois=ctx.rois)
+def evaluate_tsc_task(ctx: RunContext, round_: int, model: ULDHeads, vae: PoseVAE, kp: KeypointSet) -> tuple[TwoStageLabeller, KeypointSet, np.ndarray, pd.DataFrame]:
+    """Train keypoints ``kp`` (``flows.duld.train_keypoints``) + pose codes -> TSC labeller; K landmarks
+    per image with its pose cluster's centroids in identity order (both splits) -> keypoints / metrics
+    (``flows.duld.write_predictions``)."""
     codes = codes_for(ctx, model, vae, ctx.train_rows)
     tsc = make_tsc_labeller(ctx).fit(kp.peaks(), codes, ctx.train_rows, seed=labeller_seed(ctx, round_))
     print(f"round {round_}: pose clusters of {tsc.pose_images_.tolist()} train images, {int(tsc.fallback_.sum())} on the global centroids")
@@ -252,7 +253,7 @@ def run_stage(ctx: RunContext, round_: int) -> None:
         train_tsc_task(ctx, round_, model, vae, optimizer, labels)
     else:  # pragma: no cover - flows.duld.round_flow runs the D-ULD rounds itself
         raise ValueError(f"{stage!r} is not a D-ULD++ stage (expected {PROXY!r} or {DULDPP!r}, {ROUND!r} is D-ULD's)")
-    tsc, kp, codes, rows = evaluate_tsc_task(ctx, round_, model, vae)
+    tsc, kp, codes, rows = evaluate_tsc_task(ctx, round_, model, vae, train_keypoints(ctx, model))
 
     def extra(path: Path) -> None:
         save_vae(path, vae)

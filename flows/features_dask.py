@@ -81,7 +81,7 @@ def _load_in_worker(spec: str, device: str, home: str) -> "DiffusionBackbone":
     return load_backbone(spec, device, home=home)
 
 
-def _worker_info() -> tuple[int | None, int]:
+def worker_info() -> tuple[int | None, int]:
     """(rank, threads) of the Dask worker running this code; (None, 1) outside a worker."""
     try:
         from distributed import get_worker
@@ -102,7 +102,7 @@ def _worker_device(device: str) -> str:
     if resolved == "cuda":
         import torch
 
-        rank, _ = _worker_info()
+        rank, _ = worker_info()
         n = torch.cuda.device_count()
         if rank is not None and n > 1:
             return f"cuda:{rank % n}"
@@ -118,6 +118,21 @@ def default_workers() -> int:
     except ImportError:
         gpus = 0
     return gpus or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def worker_environment() -> Any:
+    """A ``dask.config`` context for starting LocalCluster workers without Dask's ``MALLOC_TRIM_THRESHOLD_``.
+
+    Dask's nanny puts ``MALLOC_TRIM_THRESHOLD_=65536`` into every worker's environment (to give
+    memory back to the OS). A fixed trim threshold also switches off glibc's adaptive mmap
+    threshold, so every large tensor of a forward pass is a fresh mmap with its page faults: the
+    face heads' keypoint pass ran 1.7x slower with it, in a worker and in a plain process alike
+    (bench/results/rounds_dask.md). The other pre-spawn settings (one BLAS / OpenMP thread) stay.
+    """
+    import dask
+
+    environ = {k: v for k, v in (dask.config.get("distributed.nanny.pre-spawn-environ", None) or {}).items() if k != "MALLOC_TRIM_THRESHOLD_"}
+    return dask.config.set({"distributed.nanny.pre-spawn-environ": environ})
 
 
 def dask_task_runner(address: str | None = None, workers: int | None = None) -> Any:
@@ -177,7 +192,7 @@ def extract_shard_on_worker(
     from flows.features import compute_shard
     from storage.features import FeatureStore
 
-    _, threads = _worker_info()
+    _, threads = worker_info()
     torch.set_num_threads(threads)  # the worker's thread budget, not every core of the host
     model = backbone.load() if isinstance(backbone, BackboneRef) else backbone
     store = FeatureStore.open(store_path, require_complete=False, writable=True)  # a path or an fsspec URL
@@ -243,4 +258,5 @@ def extract_features_dask(
     runner = dask_task_runner(dask_address, dask_workers)
     # distributed logs every scheduler/nanny event at INFO through Prefect's handler: keep warnings only.
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    return extract_features.with_options(task_runner=runner)(dataset, backbone, spec, fan_out=True, **options)
+    with worker_environment():  # the runner starts its LocalCluster (if any) inside the flow call
+        return extract_features.with_options(task_runner=runner)(dataset, backbone, spec, fan_out=True, **options)

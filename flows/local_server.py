@@ -12,13 +12,23 @@ exist) and, if ``GET <url>/health`` answers within a fraction of a second, sets
 killed, machine rebooted) just fails the health check and the command falls
 back to the temporary server. Nothing here imports Prefect: the check runs in
 the CLI's callback, before any command's imports.
+
+``uld ui --host ADDR`` listens on another interface, for Dask workers or browsers
+on other machines (``--host 0.0.0.0``: every interface). Prefect's open-source
+server has no users, so anyone who reaches the port could read the runs and
+start deployments: a non-loopback host is refused unless the server gets a
+Basic-auth string (``PREFECT_SERVER_API_AUTH_STRING=user:password`` in the
+environment, never on the command line); clients send it as
+``PREFECT_API_AUTH_STRING`` (commands of this user default it to the server's).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,6 +43,10 @@ SERVER_FILE = "uld-server.json"
 LOG_FILE = "uld-server.log"
 DEFAULT_PORT = 4200
 HOST = "127.0.0.1"
+WILDCARD_HOSTS = ("0.0.0.0", "::")  # listen on every interface
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+SERVER_AUTH_ENV = "PREFECT_SERVER_API_AUTH_STRING"  # user:password the server demands (Prefect's setting)
+CLIENT_AUTH_ENV = "PREFECT_API_AUTH_STRING"  # what clients send
 # Connection refused comes back at once; a live but busy server answers /health in
 # milliseconds. The limit only bounds the case of a port held by something that never answers.
 HEALTH_TIMEOUT_S = 0.5
@@ -48,8 +62,14 @@ class ServerInfo:
 
     @property
     def url(self) -> str:
-        """The UI's address."""
-        return f"http://{self.host}:{self.port}"
+        """The UI's address on this machine (loopback when the server listens on every interface)."""
+        return f"http://{HOST if self.host in WILDCARD_HOSTS else self.host}:{self.port}"
+
+    @property
+    def remote_url(self) -> str:
+        """The address other machines use: the host name when listening on every interface."""
+        host = socket.gethostname() if self.host in WILDCARD_HOSTS else self.host
+        return f"http://{host}:{self.port}"
 
     @property
     def api_url(self) -> str:
@@ -72,9 +92,14 @@ def read_server(prefect_home: Path) -> ServerInfo | None:
 
 
 def is_healthy(api_url: str, timeout: float = HEALTH_TIMEOUT_S) -> bool:
-    """True when ``GET <api_url>/health`` answers 200 within ``timeout`` seconds."""
+    """True when ``GET <api_url>/health`` answers 200 within ``timeout`` seconds (with the Basic-auth
+    string of the environment, if any: a server started with one answers 401 without it)."""
+    req = urllib.request.Request(f"{api_url.rstrip('/')}/health")
+    auth = os.environ.get(CLIENT_AUTH_ENV) or os.environ.get(SERVER_AUTH_ENV)
+    if auth:
+        req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
     try:
-        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status == 200
     except (OSError, ValueError):  # refused, timed out, not HTTP: no usable server
         return False
@@ -88,8 +113,11 @@ def running_server(prefect_home: Path) -> ServerInfo | None:
     return info
 
 
-def start_server(prefect_home: Path, port: int = DEFAULT_PORT, wait_s: float = 180.0) -> tuple[ServerInfo, bool]:
-    """Start ``prefect server start`` on 127.0.0.1:``port`` detached, or find the running one.
+def start_server(prefect_home: Path, port: int = DEFAULT_PORT, wait_s: float = 180.0, host: str = HOST) -> tuple[ServerInfo, bool]:
+    """Start ``prefect server start`` on ``host``:``port`` (default 127.0.0.1) detached, or find the running one.
+
+    A ``host`` other than loopback needs ``PREFECT_SERVER_API_AUTH_STRING`` in the environment
+    (see the module's docstring); without it this raises :class:`WorkspaceError` before starting.
 
     Returns ``(info, started)``; ``started`` is False when a healthy server was
     already recorded. Waits up to ``wait_s`` for the health check (the server
@@ -103,6 +131,13 @@ def start_server(prefect_home: Path, port: int = DEFAULT_PORT, wait_s: float = 1
         return current, False
     if not 0 < int(port) < 65536:
         raise WorkspaceError(f"port {port} is not a TCP port", where="--port", fix="use e.g. --port 4200")
+    if host not in LOOPBACK_HOSTS and not os.environ.get(SERVER_AUTH_ENV):
+        raise WorkspaceError(
+            f"a Prefect server on {host} would let anyone who reaches port {port} read the runs and start deployments",
+            where="--host",
+            fix=f"export {SERVER_AUTH_ENV}=user:password first (and {CLIENT_AUTH_ENV} with the same value on the other machines), "
+                "or keep the default --host 127.0.0.1",
+        )
     probe = ServerInfo(pid=0, port=int(port))
     if is_healthy(probe.api_url):
         raise WorkspaceError(
@@ -124,14 +159,15 @@ def start_server(prefect_home: Path, port: int = DEFAULT_PORT, wait_s: float = 1
     # The UI (JavaScript in the browser) calls the API at PREFECT_UI_API_URL, which otherwise
     # defaults to port 4200 whatever --port says: with another port every page showed
     # "Can't connect to Server API" (seen in headless Chromium).
-    env["PREFECT_UI_API_URL"] = f"http://{HOST}:{int(port)}/api"
+    listening = ServerInfo(pid=0, port=int(port), host=host)
+    env["PREFECT_UI_API_URL"] = f"{listening.url if host in LOOPBACK_HOSTS else listening.remote_url}/api"
     with log:
         # A new session: the server outlives this command and ignores its terminal's Ctrl-C.
         proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)],
+            [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
         )
-    info = ServerInfo(pid=proc.pid, port=int(port))
+    info = ServerInfo(pid=proc.pid, port=int(port), host=host)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -195,4 +231,6 @@ def use_running_server(prefect_home: Path) -> str | None:
     if info is None:
         return None
     os.environ["PREFECT_API_URL"] = info.api_url
+    if os.environ.get(SERVER_AUTH_ENV):
+        os.environ.setdefault(CLIENT_AUTH_ENV, os.environ[SERVER_AUTH_ENV])  # the server demands it
     return info.api_url

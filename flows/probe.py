@@ -231,7 +231,7 @@ def probe(
     home = Path(home)
     model = None
     if store_path is not None:
-        store = FeatureStore.open(Path(store_path))
+        store = FeatureStore.open(store_path)
         name = str(store.config.get("backbone_name", backbone))
     else:
         from flows.features import complete_store_path, extract_features

@@ -51,7 +51,7 @@ def resolve_store(
 ) -> FeatureStore:
     """The feature store to read: ``store_path`` when given, else the one ``uld features`` made for (dataset, backbone, spec)."""
     if store_path is not None:
-        return FeatureStore.open(Path(store_path))
+        return FeatureStore.open(store_path)  # a folder or an fsspec URL (FeatureStore.open tells them apart)
     from flows.features import open_features
 
     return open_features(home, dataset, backbone, spec, device=device)

@@ -16,6 +16,7 @@ ENV_HOME = "ULD_HOME"  # workspace root (default ./workspace)
 ENV_DATA = "ULD_DATA"  # root of user datasets (default ./data)
 ENV_DEVICE = "ULD_DEVICE"  # "auto" | "cpu" | "cuda" | "cuda:N"
 ENV_SEED = "ULD_SEED"
+ENV_RUNS_URL = "ULD_RUNS_URL"  # fsspec URL run folders are mirrored to (default: none)
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -49,6 +50,7 @@ class Settings:
     data_root: Path = field(default_factory=lambda: Path("data"))
     device: str = "auto"
     seed: int = 0
+    runs_url: str | None = None  # run folders are also kept at <runs_url>/<run id> (storage.run_mirror)
 
     @classmethod
     def from_env(
@@ -57,6 +59,7 @@ class Settings:
         data_root: str | Path | None = None,
         device: str | None = None,
         seed: int | None = None,
+        runs_url: str | None = None,
     ) -> "Settings":
         env = os.environ
         seed_value: int | str = seed if seed is not None else env.get(ENV_SEED, 0)
@@ -75,4 +78,18 @@ class Settings:
             data_root=Path(data_root if data_root is not None else env.get(ENV_DATA, "data")).expanduser(),
             device=device if device is not None else env.get(ENV_DEVICE, "auto"),
             seed=seed_int,
+            runs_url=_runs_url(runs_url if runs_url is not None else env.get(ENV_RUNS_URL)),
         )
+
+
+def _runs_url(value: str | None) -> str | None:
+    """A usable ``--runs-url``: an fsspec URL (``s3://...``), or None for none (empty)."""
+    if not value:
+        return None
+    if "://" not in value or value.split("://", 1)[0].lower() in ("file", "local"):
+        raise ConfigError(
+            f"--runs-url must be a remote fsspec URL, got {value!r}",
+            where=f"--runs-url / ${ENV_RUNS_URL}",
+            fix="give e.g. s3://bucket/runs (run folders always live under <home>/runs; this is where they are copied)",
+        )
+    return value.rstrip("/")

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import StoreError
+from storage.locations import is_url
 
 ZEROSHOT_MODEL_DIR = "zeroshot/model"
 CHECKPOINTS_DIR = "checkpoints"
@@ -46,7 +47,7 @@ class RunModel:
     model_dir: Path
     stage: str
     round: int
-    store_path: Path
+    store_path: Path | str  # a folder, or the fsspec URL of a remote store
 
 
 @dataclass(frozen=True)
@@ -88,14 +89,16 @@ def _finished_checkpoints(run_dir: Path) -> list[tuple[int, str, Path]]:
     return sorted(out)
 
 
-def resolve_store_path(recorded: str | Path, run_dir: Path) -> Path:
+def resolve_store_path(recorded: str | Path, run_dir: Path) -> Path | str:
     """The run's feature store on this machine.
 
     Runs record the store path as it was given, which is relative to the
     directory the run was started from when the workspace was; so a relative
     path that does not exist from here is looked up again under the run's own
-    workspace (``<home>/features/...``).
+    workspace (``<home>/features/...``). A store at an fsspec URL is the URL.
     """
+    if is_url(recorded):
+        return str(recorded)
     p = Path(recorded)
     if p.is_dir():
         return p
@@ -153,7 +156,7 @@ def read_store_recipe(store_path: str | Path) -> StoreRecipe:
     """The feature description of the store at ``store_path`` (its attributes only: no features are read)."""
     from storage.features import FeatureStore, key_layer
 
-    store = FeatureStore.open(Path(store_path), require_complete=False)
+    store = FeatureStore.open(store_path, require_complete=False)
     cfg = store.config
     if "spec" not in cfg or "backbone" not in cfg:
         raise StoreError("the feature store does not record its feature spec and backbone", where=str(store.path),

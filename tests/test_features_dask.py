@@ -126,3 +126,49 @@ def test_a_worker_error_reaches_the_user_as_a_clean_message_and_leaves_the_shard
     store = FeatureStore.open(path, require_complete=False)
     # Only the failed shard is left: the others were finished before the error was raised.
     assert store.unfinished_shards() == [1]
+
+
+def test_round_keypoints_fanned_out_over_two_workers_equal_the_single_process_run(prefect_harness, dataset, tmp_path, monkeypatch):
+    """`uld train --dask-workers 2`: every round's keypoint extraction runs as `keypoints-block` tasks on a
+    2-worker LocalCluster (blocks of 4 train images here) and the run's keypoints, pseudo-labels and
+    metrics are the single-process run's, bit for bit."""
+    import json
+    import urllib.request
+
+    import pandas as pd
+    from prefect.settings import get_current_settings
+
+    from flows import keypoints_dask
+    from flows.duld import duld
+    from flows.features import extract_features
+    from pipeline.backbones.base import FeatureSpec
+
+    monkeypatch.setattr(keypoints_dask, "BATCHES_PER_BLOCK", 2)  # 9 usable train images -> 3 blocks of 2 batches of 2
+    spec = FeatureSpec(image_size=SIZE)
+    home = tmp_path / "ws"
+    dataset["write"](home)
+    store = extract_features("synthetic", dataset["backbone"], spec, home=home, batch_size=2, skip_bad=True)
+    engine = dict(k=3, rounds=1, steps_per_round=2, bootstrap_steps=2, batch_size=4, home=home, progress=False, views=None, threads=1,
+                  store_path=store, eval_batch=2, cluster_nms_radius=1)
+    duld("synthetic", dataset["backbone"], spec, run_id="one-process", **engine)
+    duld("synthetic", dataset["backbone"], spec, run_id="two-workers", dask_workers=2, **engine)
+    runs = home / "runs"
+    for name in ("bootstrap-000", "round-001"):
+        with np.load(runs / "one-process" / "checkpoints" / name / "train-keypoints.npz") as a, \
+                np.load(runs / "two-workers" / "checkpoints" / name / "train-keypoints.npz") as b:
+            assert a.files == b.files and "peak" in a.files and len(a["rows"]) > 0
+            for f in a.files:
+                assert np.array_equal(a[f], b[f]), (name, f)
+    for table in ("pseudolabels", "metrics"):
+        a = pd.read_parquet(runs / "one-process" / f"{table}.parquet").drop(columns="run_id")
+        b = pd.read_parquet(runs / "two-workers" / f"{table}.parquet").drop(columns="run_id")
+        assert a.equals(b), table
+    # The blocks were Prefect task runs (two rounds x 3 blocks), not an in-process loop; a block is named
+    # after its first store row (train rows 0-4, 6-9: row 5 is the unreadable image).
+    req = urllib.request.Request(f"{get_current_settings().api.url}/task_runs/filter",
+                                 data=json.dumps({"task_runs": {"name": {"like_": "keypoints-"}}, "limit": 50}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        # (the session's server also holds other tests' runs, e.g. `evaluate-keypoints-<hash>` tasks)
+        names = sorted(r["name"] for r in json.load(resp) if r["name"].startswith("keypoints-"))
+    assert len(names) == 6 and set(names) == {"keypoints-0", "keypoints-4", "keypoints-9"}, names

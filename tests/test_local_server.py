@@ -116,3 +116,50 @@ def test_uld_ui_starts_a_real_server_that_commands_report_to_then_stops_it(tmp_p
         stopped = run("ui", "--stop")
     assert "stopped" in stopped.stdout and not server_file(prefect_home).exists()
     assert not local_server.is_healthy(f"http://127.0.0.1:{port}/api")
+
+
+def test_a_non_loopback_host_without_an_auth_string_is_refused_before_starting(tmp_path, monkeypatch):
+    from pipeline.errors import WorkspaceError
+
+    monkeypatch.delenv(local_server.SERVER_AUTH_ENV, raising=False)
+    with pytest.raises(WorkspaceError, match="would let anyone who reaches port") as err:
+        local_server.start_server(tmp_path / "prefect", port=_free_port(), host="0.0.0.0")
+    assert local_server.SERVER_AUTH_ENV in err.value.fix
+    assert not server_file(tmp_path / "prefect").exists()
+
+
+@pytest.mark.slow
+def test_uld_ui_on_every_interface_demands_the_auth_string_and_commands_send_it(tmp_path):
+    """`uld ui --host 0.0.0.0` with PREFECT_SERVER_API_AUTH_STRING: a request without the string is
+    refused (401), the workspace's commands send it and their flow runs land in the server."""
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
+
+    port = _free_port()
+    auth = "uld:test-secret"
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "ULD_HOME": str(tmp_path / "ws"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           local_server.SERVER_AUTH_ENV: auth}
+    run = lambda *a: subprocess.run([sys.executable, "-c", "from flows.cli import main; main()", *a], capture_output=True, text=True, env=env, timeout=400)  # noqa: E731
+    out = run("ui", "--port", str(port), "--host", "0.0.0.0")
+    prefect_home = tmp_path / "ws" / ".prefect"
+    try:
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert read_server(prefect_home).host == "0.0.0.0" and f"http://127.0.0.1:{port}" in out.stdout
+        assert "other machines" in out.stdout and "PREFECT_API_AUTH_STRING" in out.stdout and auth not in out.stdout
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/flows/filter", data=b"{}", timeout=30)
+        assert refused.value.code == 401
+        code = (
+            "from flows import cli; cli._prefect_defaults(); import os; print(os.environ['PREFECT_API_URL'])\n"
+            "from prefect import flow\n@flow(name='auth-probe-flow')\ndef f(): return 1\nf()\n"
+        )
+        child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=400, cwd=Path(__file__).parents[1])
+        assert child.returncode == 0, child.stderr
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/flows/filter", data=b'{"limit": 10}',
+                                     headers={"Content-Type": "application/json", "Authorization": "Basic " + base64.b64encode(auth.encode()).decode()})
+        assert "auth-probe-flow" in [r["name"] for r in json.load(urllib.request.urlopen(req, timeout=30))]
+    finally:
+        stopped = run("ui", "--stop")
+    assert "stopped" in stopped.stdout and not server_file(prefect_home).exists()

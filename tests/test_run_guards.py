@@ -93,3 +93,17 @@ def test_a_duld_run_that_fails_on_its_inputs_leaves_no_run_behind(workspace, sto
             duld("toy", "rand", None, home=workspace.home, run_id="bad-input", **args)
         assert "already exists" not in str(err.value)
         assert not workspace.run_file("bad-input", "config.json").exists()
+
+
+def test_runs_url_must_be_a_remote_url(monkeypatch):
+    from pipeline.errors import ConfigError
+    from pipeline.settings import ENV_RUNS_URL, Settings
+
+    monkeypatch.delenv(ENV_RUNS_URL, raising=False)
+    assert Settings.from_env().runs_url is None
+    assert Settings.from_env(runs_url="s3://bucket/runs/").runs_url == "s3://bucket/runs"
+    monkeypatch.setenv(ENV_RUNS_URL, "s3://other/runs")
+    assert Settings.from_env().runs_url == "s3://other/runs" and Settings.from_env(runs_url="").runs_url is None
+    for local in ("/tmp/runs", "file:///tmp/runs", "runs"):
+        with pytest.raises(ConfigError, match="must be a remote fsspec URL"):
+            Settings.from_env(runs_url=local)

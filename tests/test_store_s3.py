@@ -239,3 +239,113 @@ def test_bad_locations_are_clean_store_errors(s3):
         FeatureStore.exists("nosuchproto://x/y")
     with pytest.raises(StoreError, match="feature store not found"):
         FeatureStore.open(f"s3://{BUCKET}/nothing/here")
+
+
+# ------------------------------------------------------------------ run folders at a URL (--runs-url)
+def _run_folder(path: Path) -> Path:
+    (path / "checkpoints" / "round-001").mkdir(parents=True)
+    (path / "config.json").write_text('{"run_id": "r"}\n')
+    (path / "metrics.parquet").write_bytes(b"m" * 1000)
+    (path / "checkpoints" / "round-001" / "model.safetensors").write_bytes(b"w" * 5000)
+    (path / ".metrics.parquet.abc.tmp").write_bytes(b"half-written")  # an atomic write in progress: never copied
+    return path
+
+
+def test_run_mirror_copies_what_changed_and_pull_checks_every_file(s3, tmp_path):
+    from pipeline.errors import StoreError
+    from storage.run_mirror import INDEX_NAME, RunMirror
+
+    run = _run_folder(tmp_path / "runs" / "r")
+    mirror = RunMirror.for_run(f"s3://{BUCKET}/mirror", run)
+    assert not mirror.exists()
+    first = mirror.push()
+    assert (first.files, first.transferred, first.bytes) == (3, 3, 6016)
+    keys = _keys(s3, "mirror/r/")
+    assert sorted(k.split("mirror/r/", 1)[1] for k in keys) == sorted(["config.json", "metrics.parquet", "checkpoints/round-001/model.safetensors", INDEX_NAME])
+    # Only what changed is uploaded again; a file the run no longer has is deleted after the new index.
+    (run / "metrics.parquet").write_bytes(b"n" * 1200)
+    (run / "checkpoints" / "round-001" / "model.safetensors").unlink()
+    second = mirror.push()
+    assert (second.files, second.transferred, second.removed) == (2, 1, 1)
+    assert not any(k.endswith("model.safetensors") for k in _keys(s3, "mirror/r/"))
+    # Pull into an empty folder on "another machine": the same bytes.
+    other = RunMirror.for_run(f"s3://{BUCKET}/mirror", tmp_path / "elsewhere" / "r")
+    got = other.pull()
+    assert got.transferred == 2 and (tmp_path / "elsewhere" / "r" / "metrics.parquet").read_bytes() == b"n" * 1200
+    # A tampered object is refused, naming it; the local copy is left as it was.
+    s3["client"].put_object(Bucket=BUCKET, Key="mirror/r/metrics.parquet", Body=b"x" * 1200)
+    (tmp_path / "elsewhere" / "r" / "metrics.parquet").unlink()
+    with pytest.raises(StoreError, match="metrics.parquet differs from the run index"):
+        other.pull()
+    assert not (tmp_path / "elsewhere" / "r" / "metrics.parquet").exists()
+    # An index naming a file outside the run folder is refused before anything is fetched.
+    s3["client"].put_object(Bucket=BUCKET, Key=f"mirror/r/{INDEX_NAME}",
+                            Body=b'{"format": 1, "run_id": "r", "files": {"../../evil.py": {"size": 1, "sha256": "00"}}}')
+    with pytest.raises(StoreError, match="outside the run folder"):
+        other.pull()
+    assert not (tmp_path / "evil.py").exists()
+
+
+def test_duld_on_a_store_at_s3_keeps_its_run_at_runs_url_and_resumes_from_it(prefect_harness, s3, tmp_path):
+    """`--store s3://...` for a method, `--runs-url s3://...` for its run: the same numbers as the local store,
+    the run at the URL after every round, and a machine without the run folder resumes from the URL."""
+    import shutil
+
+    import pandas as pd
+
+    from flows.duld import duld
+    from flows.features import extract_features
+    from flows.run_mirror import mirrored_run
+    from pipeline.backbones.base import FeatureSpec
+    from pipeline.datasets.registry import get_loader
+    from pipeline.datasets.synthetic import generate_synthetic
+    from pipeline.errors import ConfigError
+    from storage.layout import Workspace
+    from storage.run_mirror import RunMirror
+    from tests.tiny_runs import make_backbone
+
+    home = tmp_path / "ws"
+    ws = Workspace(home)
+    root = generate_synthetic(ws.generated_dataset("synthetic"), 12, 4, 32, 0)
+    for split in ("train", "test"):
+        manifest, _ = get_loader("synthetic").load(root, split)
+        manifest.save(ws.manifest("synthetic", split))
+    bb = make_backbone(tmp_path / "bb")
+    spec = FeatureSpec(image_size=32)
+    local = extract_features("synthetic", bb, spec, home=home, shard_size=8)
+    remote = extract_features("synthetic", bb, spec, home=home, shard_size=8, store_url=f"s3://{BUCKET}/dstore")
+    runs_url = f"s3://{BUCKET}/runs"
+    engine = dict(k=3, rounds=1, steps_per_round=2, bootstrap_steps=2, batch_size=4, home=home, progress=False, views=None, threads=1)
+    duld("synthetic", bb, spec, run_id="on-local", store_path=local, **engine)
+    # The bootstrap only (max_rounds=0), as if the machine had been lost after it: its round is already at the URL.
+    duld("synthetic", bb, spec, run_id="on-s3", store_path=remote, runs_url=runs_url, max_rounds=0, **engine)
+    index = RunMirror.for_run(runs_url, ws.run_dir("on-s3")).read_index()
+    assert any(name.startswith("checkpoints/bootstrap-000/") for name in index["files"])
+    assert json_of(ws.run_file("on-s3", "config.json"))["feature_store"] == remote
+    shutil.rmtree(ws.run_dir("on-s3"))
+    with pytest.raises(ConfigError, match="already exists at"):  # a fresh run under the id would overwrite the copy
+        with mirrored_run(home, "on-s3", runs_url, resume=False):
+            pass
+    with mirrored_run(home, "on-s3", runs_url, resume=True):  # fetched, then resumed here, then copied back
+        duld("synthetic", bb, spec, run_id="on-s3", store_path=remote, runs_url=runs_url, resume=True, **engine)
+    cols = ["stage", "round", "split", "metric", "repeat", "value"]
+    a = pd.read_parquet(ws.run_file("on-local", "metrics.parquet"))[cols].sort_values(cols[:5]).reset_index(drop=True)
+    b = pd.read_parquet(f"{runs_url}/on-s3/metrics.parquet")[cols].sort_values(cols[:5]).reset_index(drop=True)  # pandas reads the copy
+    assert len(a) and a.equals(b)
+    assert (ws.run_dir("on-s3") / "checkpoints" / "round-001" / "state.json").is_file()
+    # The command line: `--store` takes the URL as it is (a Path would fold s3:// into s3:/), and the
+    # root option --runs-url copies the run when the command ends.
+    argv = ["--home", str(home), "--runs-url", runs_url, "evaluate-baseline", "random", "-d", "synthetic", "-k", "3", "--store", remote,
+            "--run-id", "random-s3"]
+    code = f"import sys\nfrom flows.cli import main\nsys.argv = ['uld', *{argv!r}]\nmain()\n"
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PREFECT_HOME": str(tmp_path / "p"), **s3["env"]}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "run copied:" in out.stdout and f"{runs_url}/random-s3" in out.stdout, out.stdout
+    assert RunMirror.for_run(runs_url, ws.run_dir("random-s3")).read_index()["files"].keys() >= {"config.json", "metrics.parquet", "keypoints.parquet"}
+
+
+def json_of(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
