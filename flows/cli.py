@@ -43,7 +43,7 @@ def _main(
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where user datasets live (env ULD_DATA; default ./data)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (env ULD_DEVICE; default auto)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Global seed (env ULD_SEED; default 0)."),
-    runs_url: Optional[str] = typer.Option(None, "--runs-url", help="Also keep run folders at this fsspec URL (s3://bucket/runs, ...): copied at the end of every round and command, fetched by --resume where the local folder is missing (env ULD_RUNS_URL)."),
+    runs_url: Optional[str] = typer.Option(None, "--runs-url", help="Also keep run folders at this fsspec URL (s3://bucket/runs, ...), for `train` (and its aliases), `zeroshot`, `evaluate` and `evaluate-baseline`: copied after every self-training round and when the command ends, fetched by --resume where the local folder is missing (env ULD_RUNS_URL)."),
 ) -> None:
     ctx.obj = Settings.from_env(home=home, data_root=data_root, device=device, seed=seed, runs_url=runs_url)
     # Here, not at start-up: `uld --help` never gets here, and --home is known. Prefect

@@ -465,9 +465,9 @@ def round_finished(ctx: RunContext, stage: str, round_: int) -> None:
     ``--runs-url`` (while this flow still holds the run's lock)."""
     publish_round_artifacts(ctx.home, ctx.run_id, stage, round_)
     if ctx.mirror is not None:
-        from flows.run_mirror import push
+        from flows.run_mirror import push_after_round
 
-        push(ctx.mirror)
+        push_after_round(ctx.mirror)
 
 
 # ----------------------------------------------------------------- subflows

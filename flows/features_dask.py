@@ -145,7 +145,7 @@ def dask_task_runner(address: str | None = None, workers: int | None = None) -> 
     if (address is None) == (workers is None):
         raise DaskSetupError(
             "give exactly one of --dask-address and --dask-workers",
-            where="uld features",
+            where="--dask-address / --dask-workers",
             fix="--dask-address tcp://HOST:8786 for a running cluster, or --dask-workers N for a local one",
         )
     if workers is not None and workers < 0:

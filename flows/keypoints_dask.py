@@ -42,10 +42,10 @@ if TYPE_CHECKING:
     from pipeline.methods.duld import DULDConfig
     from storage.features import FeatureStore
 
-#: Evaluation batches per block (1,024 images of 32): ~2.5 s of work per task on one CPU core for
-#: the face heads. Each task also costs ~1.5 s of Prefect bookkeeping on a busy 2-core machine
-#: (bench/results/rounds_dask.md, measured with 8), so blocks must be large; a 200k-image round
-#: still makes ~200 tasks to spread.
+#: Evaluation batches per block (1,024 images of 32): ~2.2 s of work per task on one CPU core for
+#: the face heads, against ~0.15 s of Prefect bookkeeping per task and the result transfer
+#: (bench/results/rounds_dask.md: 8 batches a block was slower); a 200k-image round still makes
+#: ~200 tasks to spread.
 BATCHES_PER_BLOCK = 32
 
 

@@ -19,7 +19,10 @@ server has no users, so anyone who reaches the port could read the runs and
 start deployments: a non-loopback host is refused unless the server gets a
 Basic-auth string (``PREFECT_SERVER_API_AUTH_STRING=user:password`` in the
 environment, never on the command line); clients send it as
-``PREFECT_API_AUTH_STRING`` (commands of this user default it to the server's).
+``PREFECT_API_AUTH_STRING`` (a command whose environment has only the server's
+variable sends that). The record says whether the server demands a string (never
+the string): a command without one falls back to the temporary server with a
+note instead of failing every API call with 401.
 """
 
 from __future__ import annotations
@@ -59,22 +62,31 @@ class ServerInfo:
     pid: int
     port: int
     host: str = HOST
+    auth: bool = False  # the server demands a Basic-auth string (never the string itself)
 
     @property
     def url(self) -> str:
         """The UI's address on this machine (loopback when the server listens on every interface)."""
-        return f"http://{HOST if self.host in WILDCARD_HOSTS else self.host}:{self.port}"
+        return _http(HOST if self.host in WILDCARD_HOSTS else self.host, self.port)
 
     @property
     def remote_url(self) -> str:
         """The address other machines use: the host name when listening on every interface."""
-        host = socket.gethostname() if self.host in WILDCARD_HOSTS else self.host
-        return f"http://{host}:{self.port}"
+        return _http(socket.gethostname() if self.host in WILDCARD_HOSTS else self.host, self.port)
 
     @property
     def api_url(self) -> str:
         """The value for ``PREFECT_API_URL``."""
         return f"{self.url}/api"
+
+
+def _http(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"  # IPv6 literals in brackets
+
+
+def client_auth() -> str | None:
+    """The Basic-auth string this process sends (``PREFECT_API_AUTH_STRING``, else the server's own)."""
+    return os.environ.get(CLIENT_AUTH_ENV) or os.environ.get(SERVER_AUTH_ENV) or None
 
 
 def server_file(prefect_home: Path) -> Path:
@@ -86,16 +98,17 @@ def read_server(prefect_home: Path) -> ServerInfo | None:
     """The recorded server, or None when there is no record or it cannot be read."""
     try:
         raw = json.loads(server_file(prefect_home).read_text())
-        return ServerInfo(pid=int(raw["pid"]), port=int(raw["port"]), host=str(raw.get("host", HOST)))
+        return ServerInfo(pid=int(raw["pid"]), port=int(raw["port"]), host=str(raw.get("host", HOST)), auth=bool(raw.get("auth", False)))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def is_healthy(api_url: str, timeout: float = HEALTH_TIMEOUT_S) -> bool:
-    """True when ``GET <api_url>/health`` answers 200 within ``timeout`` seconds (with the Basic-auth
-    string of the environment, if any: a server started with one answers 401 without it)."""
+    """True when ``GET <api_url>/health`` answers 200 within ``timeout`` seconds. Prefect exempts
+    /health from Basic auth, so this says nothing about whether this process may use the API
+    (see :func:`use_running_server`); the string is sent anyway when there is one."""
     req = urllib.request.Request(f"{api_url.rstrip('/')}/health")
-    auth = os.environ.get(CLIENT_AUTH_ENV) or os.environ.get(SERVER_AUTH_ENV)
+    auth = client_auth()
     if auth:
         req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
     try:
@@ -128,6 +141,9 @@ def start_server(prefect_home: Path, port: int = DEFAULT_PORT, wait_s: float = 1
     prefect_home = Path(prefect_home)
     current = running_server(prefect_home)
     if current is not None:
+        if current.host != host:
+            raise WorkspaceError(f"this workspace's Prefect server already runs on {current.host} (port {current.port}), not on {host}",
+                                 where="--host", fix="stop it with `uld ui --stop`, then start it again with this --host")
         return current, False
     if not 0 < int(port) < 65536:
         raise WorkspaceError(f"port {port} is not a TCP port", where="--port", fix="use e.g. --port 4200")
@@ -167,7 +183,7 @@ def start_server(prefect_home: Path, port: int = DEFAULT_PORT, wait_s: float = 1
             [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
         )
-    info = ServerInfo(pid=proc.pid, port=int(port), host=host)
+    info = ServerInfo(pid=proc.pid, port=int(port), host=host, auth=bool(os.environ.get(SERVER_AUTH_ENV)))
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -191,7 +207,7 @@ def start_server(prefect_home: Path, port: int = DEFAULT_PORT, wait_s: float = 1
 def _write_record(prefect_home: Path, info: ServerInfo) -> None:
     from storage.atomic import write_json
 
-    write_json(server_file(prefect_home), {"pid": info.pid, "port": info.port, "host": info.host})
+    write_json(server_file(prefect_home), {"pid": info.pid, "port": info.port, "host": info.host, "auth": info.auth})
 
 
 def _terminate(pid: int) -> None:
@@ -230,7 +246,12 @@ def use_running_server(prefect_home: Path) -> str | None:
     info = running_server(prefect_home)
     if info is None:
         return None
+    if info.auth and client_auth() is None:
+        # Every API call would be refused (401) with a traceback; the temporary server works.
+        print(f"note: the workspace's Prefect server ({info.url}) needs {CLIENT_AUTH_ENV}; this command uses a temporary "
+              f"server instead (export {CLIENT_AUTH_ENV}=user:password to report to it)", file=sys.stderr)
+        return None
     os.environ["PREFECT_API_URL"] = info.api_url
-    if os.environ.get(SERVER_AUTH_ENV):
-        os.environ.setdefault(CLIENT_AUTH_ENV, os.environ[SERVER_AUTH_ENV])  # the server demands it
+    if info.auth:
+        os.environ.setdefault(CLIENT_AUTH_ENV, client_auth() or "")  # the server demands it
     return info.api_url

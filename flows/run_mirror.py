@@ -25,6 +25,15 @@ def push(mirror: RunMirror) -> None:
     print(mirror.push().describe("run copied:"))
 
 
+def push_after_round(mirror: RunMirror) -> None:
+    """The push at a round's end: a failure (network, another machine's copy) is a warning, not the
+    end of a long run; the round is on disk here, and the command's last push tries again."""
+    try:
+        push(mirror)
+    except Exception as exc:  # noqa: BLE001 -- any failure of the copy; training goes on
+        print(f"warning: the run was not copied to {mirror.url} after this round: {exc}", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def mirrored_run(home: str | Path, run_id: str | None, runs_url: str | None, resume: bool) -> Iterator[RunMirror | None]:
     """Around a command writing run ``run_id``: with ``runs_url`` (else a no-op yielding None)
@@ -35,14 +44,15 @@ def mirrored_run(home: str | Path, run_id: str | None, runs_url: str | None, res
         return
     run_dir = Workspace(Path(home)).run_dir(run_id)
     mirror = RunMirror.for_run(runs_url, run_dir)
-    local = (run_dir / "config.json").is_file()
-    if not local:
+    if not (run_dir / "config.json").is_file():
         if resume and mirror.exists():
             print(mirror.pull().describe("run fetched:"))
         elif not resume and mirror.exists():
             # A fresh run under this id would overwrite the copy at the URL with a new run.
             raise ConfigError(f"run {run_id!r} already exists at {mirror.url}", where="--run-id",
                               fix="pass --resume to continue it here (it is fetched first), or choose a new --run-id")
+    else:
+        mirror.check_can_push()  # a local folder the copy did not come from: refused now, not after the work
     failed = False
     try:
         yield mirror

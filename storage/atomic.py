@@ -17,6 +17,15 @@ def _current_umask() -> int:
     return mask
 
 
+_TMP_PREFIX, _TMP_SUFFIX = ".", ".tmp"  # what atomic_path names its temporary files: .<name>.<random>.tmp
+
+
+def is_temporary(path: str | Path) -> bool:
+    """True for the temporary file of an :func:`atomic_path` write in progress (or left by a crash)."""
+    name = Path(path).name
+    return name.startswith(_TMP_PREFIX) and name.endswith(_TMP_SUFFIX)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it over ``path`` on success.
@@ -27,7 +36,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

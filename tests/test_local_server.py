@@ -146,7 +146,10 @@ def test_uld_ui_on_every_interface_demands_the_auth_string_and_commands_send_it(
     prefect_home = tmp_path / "ws" / ".prefect"
     try:
         assert out.returncode == 0, out.stdout + out.stderr
-        assert read_server(prefect_home).host == "0.0.0.0" and f"http://127.0.0.1:{port}" in out.stdout
+        assert read_server(prefect_home).host == "0.0.0.0" and read_server(prefect_home).auth and f"http://127.0.0.1:{port}" in out.stdout
+        assert auth not in server_file(prefect_home).read_text()  # the record says "auth", never the string
+        again = run("ui", "--port", str(port))  # the default host, while it runs on 0.0.0.0: said, not reused silently
+        assert again.returncode == 2 and "already runs on 0.0.0.0" in again.stderr, again.stdout + again.stderr
         assert "other machines" in out.stdout and "PREFECT_API_AUTH_STRING" in out.stdout and auth not in out.stdout
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/api/flows/filter", data=b"{}", timeout=30)
@@ -157,6 +160,10 @@ def test_uld_ui_on_every_interface_demands_the_auth_string_and_commands_send_it(
         )
         child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=400, cwd=Path(__file__).parents[1])
         assert child.returncode == 0, child.stderr
+        # A shell without the string: a note and the temporary server, not a 401 traceback.
+        bare = {k: v for k, v in env.items() if k != local_server.SERVER_AUTH_ENV}
+        lone = subprocess.run([sys.executable, "-c", code.replace("os.environ['PREFECT_API_URL']", "os.environ.get('PREFECT_API_URL')")], capture_output=True, text=True, env=bare, timeout=400, cwd=Path(__file__).parents[1])
+        assert lone.returncode == 0 and "needs PREFECT_API_AUTH_STRING" in lone.stderr and f":{port}/api" not in lone.stdout, lone.stderr
         req = urllib.request.Request(f"http://127.0.0.1:{port}/api/flows/filter", data=b'{"limit": 10}',
                                      headers={"Content-Type": "application/json", "Authorization": "Basic " + base64.b64encode(auth.encode()).decode()})
         assert "auth-probe-flow" in [r["name"] for r in json.load(urllib.request.urlopen(req, timeout=30))]

@@ -252,7 +252,8 @@ def _run_folder(path: Path) -> Path:
 
 
 def test_run_mirror_copies_what_changed_and_pull_checks_every_file(s3, tmp_path):
-    from pipeline.errors import StoreError
+    import hashlib
+
     from storage.run_mirror import INDEX_NAME, RunMirror
 
     run = _run_folder(tmp_path / "runs" / "r")
@@ -260,30 +261,84 @@ def test_run_mirror_copies_what_changed_and_pull_checks_every_file(s3, tmp_path)
     assert not mirror.exists()
     first = mirror.push()
     assert (first.files, first.transferred, first.bytes) == (3, 3, 6016)
-    keys = _keys(s3, "mirror/r/")
-    assert sorted(k.split("mirror/r/", 1)[1] for k in keys) == sorted(["config.json", "metrics.parquet", "checkpoints/round-001/model.safetensors", INDEX_NAME])
-    # Only what changed is uploaded again; a file the run no longer has is deleted after the new index.
+    names = sorted(k.split("mirror/r/", 1)[1] for k in _keys(s3, "mirror/r/"))
+    blobs = sorted("blobs/" + hashlib.sha256(b).hexdigest() for b in (b'{"run_id": "r"}\n', b"m" * 1000, b"w" * 5000))
+    # blobs by content, the index, and the readable view of the results (not of the weights)
+    assert names == sorted([*blobs, INDEX_NAME, "config.json", "metrics.parquet"])
+    # Only what changed is uploaded again; blobs no snapshot refers to are deleted after the new index.
     (run / "metrics.parquet").write_bytes(b"n" * 1200)
     (run / "checkpoints" / "round-001" / "model.safetensors").unlink()
     second = mirror.push()
-    assert (second.files, second.transferred, second.removed) == (2, 1, 1)
-    assert not any(k.endswith("model.safetensors") for k in _keys(s3, "mirror/r/"))
+    assert (second.files, second.transferred, second.removed) == (2, 1, 2)
+    assert s3["client"].get_object(Bucket=BUCKET, Key="mirror/r/metrics.parquet")["Body"].read() == b"n" * 1200
     # Pull into an empty folder on "another machine": the same bytes.
     other = RunMirror.for_run(f"s3://{BUCKET}/mirror", tmp_path / "elsewhere" / "r")
     got = other.pull()
     assert got.transferred == 2 and (tmp_path / "elsewhere" / "r" / "metrics.parquet").read_bytes() == b"n" * 1200
-    # A tampered object is refused, naming it; the local copy is left as it was.
-    s3["client"].put_object(Bucket=BUCKET, Key="mirror/r/metrics.parquet", Body=b"x" * 1200)
-    (tmp_path / "elsewhere" / "r" / "metrics.parquet").unlink()
+
+
+def test_an_interrupted_push_leaves_the_last_snapshot_and_stale_folders_cannot_overwrite(s3, tmp_path, monkeypatch):
+    from pipeline.errors import StoreError
+    from storage import locations
+    from storage.run_mirror import INDEX_NAME, RunMirror
+
+    url = f"s3://{BUCKET}/mirror2"
+    run = _run_folder(tmp_path / "a" / "r")
+    RunMirror.for_run(url, run).push()
+    (run / "metrics.parquet").write_bytes(b"round 2 metrics")
+    real_write = locations.FsspecFiles.write
+
+    def dies_at_the_index(self, rel, data, exclusive=False):
+        if rel == INDEX_NAME:
+            raise ConnectionError("network lost")
+        return real_write(self, rel, data, exclusive)
+
+    monkeypatch.setattr(locations.FsspecFiles, "write", dies_at_the_index)
+    with pytest.raises(StoreError, match="writing the run index failed: ConnectionError"):
+        RunMirror.for_run(url, run).push()
+    monkeypatch.setattr(locations.FsspecFiles, "write", real_write)
+    # The copy is still the first snapshot, whole: another machine fetches and resumes it.
+    b = RunMirror.for_run(url, tmp_path / "b" / "r")
+    b.pull()
+    assert (tmp_path / "b" / "r" / "metrics.parquet").read_bytes() == b"m" * 1000
+    # That machine runs a round and pushes; the first machine's folder is now behind the copy:
+    # its push is refused instead of deleting the other machine's round.
+    (tmp_path / "b" / "r" / "checkpoints" / "round-002").mkdir()
+    (tmp_path / "b" / "r" / "checkpoints" / "round-002" / "state.json").write_text("{}")
+    b.push()
+    with pytest.raises(StoreError, match="not the one this folder was last pushed as or fetched from"):
+        RunMirror.for_run(url, run).push()
+    with pytest.raises(StoreError, match="not the one this folder"):
+        RunMirror.for_run(url, run).check_can_push()
+    assert "checkpoints/round-002/state.json" in RunMirror.for_run(url, run).read_index()["files"]
+
+
+def test_a_pull_is_whole_or_nothing_and_checks_the_index_first(s3, tmp_path):
+    import json
+
+    from pipeline.errors import StoreError
+    from storage.run_mirror import INDEX_NAME, RunMirror
+
+    url = f"s3://{BUCKET}/mirror3"
+    RunMirror.for_run(url, _run_folder(tmp_path / "a" / "r")).push()
+    index = RunMirror.for_run(url, tmp_path / "a" / "r").read_index()
+    target = tmp_path / "b" / "r"
+    # A swapped blob is refused, naming the file; nothing that looks like a run is left behind.
+    sha = index["files"]["metrics.parquet"]["sha256"]
+    s3["client"].put_object(Bucket=BUCKET, Key=f"mirror3/r/blobs/{sha}", Body=b"x" * 1000)
     with pytest.raises(StoreError, match="metrics.parquet differs from the run index"):
-        other.pull()
-    assert not (tmp_path / "elsewhere" / "r" / "metrics.parquet").exists()
-    # An index naming a file outside the run folder is refused before anything is fetched.
-    s3["client"].put_object(Bucket=BUCKET, Key=f"mirror/r/{INDEX_NAME}",
-                            Body=b'{"format": 1, "run_id": "r", "files": {"../../evil.py": {"size": 1, "sha256": "00"}}}')
+        RunMirror.for_run(url, target).pull()
+    assert not target.exists() and list((tmp_path / "b").iterdir()) == []
+    # An index naming a path outside the run folder, after valid entries, is refused before anything is fetched.
+    files = dict(index["files"])
+    files["zzz/../../../evil.py"] = {"size": 1, "sha256": "0" * 64}
+    s3["client"].put_object(Bucket=BUCKET, Key=f"mirror3/r/{INDEX_NAME}", Body=json.dumps({"format": 2, "run_id": "r", "files": files}).encode())
     with pytest.raises(StoreError, match="outside the run folder"):
-        other.pull()
-    assert not (tmp_path / "evil.py").exists()
+        RunMirror.for_run(url, target).pull()
+    assert not target.exists() and not (tmp_path / "evil.py").exists()
+    s3["client"].put_object(Bucket=BUCKET, Key=f"mirror3/r/{INDEX_NAME}", Body=b'{"format": 2, "files": {"config.json": {"size": "big"}}}')
+    with pytest.raises(StoreError, match="malformed"):
+        RunMirror.for_run(url, target).pull()
 
 
 def test_duld_on_a_store_at_s3_keeps_its_run_at_runs_url_and_resumes_from_it(prefect_harness, s3, tmp_path):
