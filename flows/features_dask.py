@@ -135,6 +135,12 @@ def worker_environment() -> Any:
     return dask.config.set({"distributed.nanny.pre-spawn-environ": environ})
 
 
+def local_cluster_kwargs(workers: int) -> dict[str, Any]:
+    """``distributed.LocalCluster`` settings of every cluster ``uld`` starts: ``workers`` single-threaded
+    processes (one model call at a time per worker) and no dashboard port to collide with other runs."""
+    return {"n_workers": int(workers), "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+
+
 def dask_task_runner(address: str | None = None, workers: int | None = None) -> Any:
     """Prefect's ``DaskTaskRunner`` for an existing scheduler (``address``) or a new LocalCluster.
 
@@ -165,11 +171,7 @@ def dask_task_runner(address: str | None = None, workers: int | None = None) -> 
         ) from None
     if address is not None:
         return DaskTaskRunner(address=address)
-    return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        # dashboard_address=None: no web dashboard port to collide with other runs.
-        cluster_kwargs={"n_workers": int(workers), "threads_per_worker": 1, "processes": True, "dashboard_address": None},
-    )
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=local_cluster_kwargs(workers))
 
 
 @task(

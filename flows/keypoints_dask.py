@@ -117,7 +117,7 @@ def dask_scheduler(address: str | None, workers: int | None) -> Iterator[str]:
     """The address of the scheduler the engine's rounds submit to: ``address`` as given, or a
     LocalCluster of ``workers`` single-threaded processes (0: one per GPU, else per core) that
     lives for the ``with`` block (one cluster for all rounds, not one per round subflow)."""
-    from flows.features_dask import DaskSetupError, dask_task_runner, default_workers, worker_environment
+    from flows.features_dask import DaskSetupError, dask_task_runner, default_workers, local_cluster_kwargs, worker_environment
 
     dask_task_runner(address, workers)  # the same option checks (and install hint) as `uld features`
     if address is not None:
@@ -129,7 +129,7 @@ def dask_scheduler(address: str | None, workers: int | None) -> Iterator[str]:
     n = default_workers() if workers == 0 else int(workers)
     with worker_environment():  # for the whole run: a nanny that restarts a worker reads it again
         try:
-            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+            cluster = LocalCluster(**local_cluster_kwargs(n))
         except OSError as exc:  # pragma: no cover - ports or processes refused by the machine
             raise DaskSetupError(f"cannot start a local Dask cluster: {exc}", where="--dask-workers", fix="use fewer workers or --dask-address") from None
         try:
