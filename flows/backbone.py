@@ -152,20 +152,29 @@ def train_backbone(
     init = None
     if kind not in ("ddpm", "context-ddpm"):
         raise ConfigError(f"unknown backbone kind {kind!r}", where="--kind", fix="use ddpm or context-ddpm")
-    if kind == "context-ddpm" and init_from is not None:
-        raise ConfigError("--init-from continues a DDPM (UNet2DModel); it cannot start a context-DDPM", where="--init-from",
-                          fix="drop --init-from, or train --kind ddpm")
     if init_from is not None:
         model = load_init_model(init_from, Path(home), image_size, channels).to(device)
+        source_meta = model.meta
+        transfer = None
+        if kind == "context-ddpm":
+            # A context-DDPM grown from the DDPM's convolutions (ContextDDPM.from_ddpm): the
+            # cross-attention is new, the features already know the category.
+            from pipeline.backbones.context_ddpm import ContextDDPM
+
+            torch.manual_seed(seed)
+            model, transfer = ContextDDPM.from_ddpm(model, n_context=context_tokens, seed=seed, name=name)
+            model = model.to(device)
+        else:
+            # The feature spec carries over (re-probe to change it); method settings measured on the
+            # starting model's category do not describe the new training data.
+            model.meta.pop("method_defaults", None)
         model.name = name
-        # The feature spec carries over (re-probe to change it); method settings measured on the
-        # starting model's category do not describe the new training data.
-        model.meta.pop("method_defaults", None)
         init = {
             "backbone": backbone_name(init_from),  # the folder's name, never a machine path
             "weights": weights_fingerprint(model.unet),
-            "steps": (model.meta.get("training") or {}).get("steps"),
-            "train_wall_seconds_total": (model.meta.get("training") or {}).get("train_wall_seconds_total"),
+            "steps": (source_meta.get("training") or {}).get("steps"),
+            "train_wall_seconds_total": (source_meta.get("training") or {}).get("train_wall_seconds_total"),
+            **({} if transfer is None else {"kind": "ddpm -> context-ddpm", "transfer": transfer}),
         }
     config = TrainConfig(
         steps=steps, batch_size=batch_size, lr=lr, seed=seed, checkpoint_every=checkpoint_every, flip=flip,
@@ -175,7 +184,7 @@ def train_backbone(
 
     crops = load_training_crops(Path(home), dataset, image_size, margin, limit)
     torch.manual_seed(seed)  # the UNet's random init
-    if kind == "context-ddpm":
+    if kind == "context-ddpm" and init is None:
         from pipeline.backbones.context_ddpm import ContextDDPM
 
         model = ContextDDPM.create(image_size=image_size, channels=channels or (32, 64), n_context=context_tokens, seed=seed,

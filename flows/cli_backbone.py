@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         kind: str = typer.Option("ddpm", "--kind", help="ddpm (UNet2DModel) or context-ddpm: a UNet2DConditionModel whose cross-attention reads a few learned constant tokens (the CPU model for `uld train --method stablekeypoints`; --channels default 32,64)."),
         context_tokens: int = typer.Option(4, "--context-tokens", min=1, help="context-ddpm: number of learned context tokens."),
         precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 autocast of the forward pass. auto = bf16 where the hardware computes it (CUDA with bf16; CPUs with AVX512-BF16/AMX: 1.6x faster here), else fp32 (emulated bf16 is 15-35x slower)."),
-        init_from: Optional[str] = typer.Option(None, "--init-from", help="Continue from this backbone's exported weights (a folder, `shipped`, or a workspace backbone name) with a fresh optimiser, when its checkpoints are gone; keeps its architecture. --steps counts this run's steps."),
+        init_from: Optional[str] = typer.Option(None, "--init-from", help="Continue from this backbone's exported weights (a folder, `shipped`, or a workspace backbone name) with a fresh optimiser, when its checkpoints are gone; keeps its architecture. --steps counts this run's steps. With --kind context-ddpm: start the context-DDPM from this DDPM's convolutions (same widths; the cross-attention is new), so its attention maps sit on features that already know the category."),
     ) -> None:
         """Train a pixel-space DDPM (diffusers UNet2DModel) on the dataset's training crops.
 

@@ -5,7 +5,8 @@ must be a text-conditioned UNet: a Stable Diffusion folder, or a context-DDPM
 folder (:mod:`pipeline.backbones.context_ddpm`). Options of ``uld train`` it
 reads: ``--dataset``, ``--backbone``, ``-k``, ``--steps``,
 ``--batch-size``, ``--size``, ``--crop-margin``, ``--run-id`` / ``--resume``,
-``--threads``, ``--progress``; any other
+``--threads``, ``--progress``, ``--roi/--no-roi`` (select and predict
+tokens' peaks inside the object box); any other
 :class:`~pipeline.methods.stablekeypoints.StableKeypointsConfig` field through
 ``--param NAME=VALUE`` (e.g. ``--param n_tokens=200``, ``--param token_chunk=25``,
 ``--param lr=0.05``: the tokens' learning rate; ``--lr`` is not read),
@@ -21,7 +22,7 @@ from flows.cli_train import TrainRequest, register_method
 
 # Fields set from options of `uld train`. Not --lr: its default (1e-3) suits network weights, the tokens
 # need a larger step (StableKeypointsConfig.lr), so their learning rate is --param lr=VALUE.
-_FROM_OPTIONS = {"k", "steps", "batch_size", "backbone", "seed"}
+_FROM_OPTIONS = {"k", "steps", "batch_size", "backbone", "seed", "roi"}
 
 
 def stablekeypoints_request(req: TrainRequest) -> dict[str, Any]:
@@ -33,7 +34,8 @@ def stablekeypoints_request(req: TrainRequest) -> dict[str, Any]:
     extra = {name: req.param(name, cast) for name, cast in casts.items() if name in req.params}
     steps = o.get("steps")
     config = StableKeypointsConfig(k=o["k"], steps=StableKeypointsConfig.steps if steps is None else int(steps),
-                                   batch_size=o["batch_size"], backbone=o["backbone"], seed=s.seed, **extra)
+                                   batch_size=o["batch_size"], backbone=o["backbone"], seed=s.seed,
+                                   roi=bool(o.get("roi", True)), **extra)
     return dict(dataset=o["dataset"], config=config, home=s.home, size=o["size"], crop_margin=o["crop_margin"], run_id=o["run_id"],
                 resume=o["resume"], checkpoint_every=req.param("checkpoint_every", int, 50), progress=o["progress"],
                 threads=o["threads"], device=s.device)

@@ -108,9 +108,9 @@ def train_task(home: Path, run_id: str, est: StableKeypoints, crops: CropSet, ch
 
 
 @task(name="select", cache_policy=NO_CACHE, persist_result=False)
-def select_task(home: Path, run_id: str, est: StableKeypoints, crops: CropSet) -> np.ndarray:
+def select_task(home: Path, run_id: str, dataset: str, est: StableKeypoints, crops: CropSet) -> np.ndarray:
     rows = crops.indices("train")
-    selected = est.select(crops.images[rows])
+    selected = est.select(crops.images[rows], object_boxes(home, dataset, crops, rows, est.config.roi))
     write_json(Workspace(home).run_file(run_id, "selection.json"), {"tokens": [int(t) for t in selected], "n_tokens": est.config.n_tokens,
                                                                     "images": int(min(len(rows), est.config.select_images))})
     print(f"{METHOD}: selected tokens {list(map(int, selected))} of {est.config.n_tokens}")
@@ -118,12 +118,21 @@ def select_task(home: Path, run_id: str, est: StableKeypoints, crops: CropSet) -
 
 
 @task(name="predict", cache_policy=NO_CACHE, persist_result=False)
-def predict_task(home: Path, run_id: str, est: StableKeypoints, crops: CropSet) -> None:
+def predict_task(home: Path, run_id: str, dataset: str, est: StableKeypoints, crops: CropSet, progress: bool = True) -> None:
     from flows.results import write_keypoints
 
     for split in ("train", "test"):
         rows = crops.indices(split)
-        write_keypoints(home, run_id, METHOD, STAGE, 0, crops, rows, est.predict(crops.images[rows], rows))
+        rois = object_boxes(home, dataset, crops, rows, est.config.roi)
+        write_keypoints(home, run_id, METHOD, STAGE, 0, crops, rows,
+                        est.predict(crops.images[rows], rows, progress=f"{METHOD} predict {split}" if progress else None, rois=rois))
+
+
+def object_boxes(home: Path, dataset: str, crops: CropSet, rows: np.ndarray, roi: bool) -> np.ndarray | None:
+    """The object boxes of ``rows`` in crop pixels (the RoI rule of every other method), or None without ``roi``."""
+    from flows.zeroshot import store_rois
+
+    return store_rois(home, dataset, crops, rows) if roi else None
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, persist_result=False)
@@ -200,8 +209,8 @@ def stablekeypoints(
     train_s = time.perf_counter() - t0
     rows = pd.DataFrame()
     if est.step_ >= config.steps:
-        select_task(home, run_id, est, crops)
-        predict_task(home, run_id, est, crops)
+        select_task(home, run_id, dataset, est, crops)
+        predict_task(home, run_id, dataset, est, crops, progress)
         rows = evaluate_task(home, run_id, dataset, config.seed, dict(evaluation or {}))
         sheet = contact_sheet_task(home, run_id, dataset, size, crop_margin)
         write_json(Workspace(home).run_file(run_id, "resources.json"),

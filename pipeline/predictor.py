@@ -761,7 +761,7 @@ class StableKeypointsPart(MethodPart):
         if batch.backbone is None:
             raise BackboneError("StableKeypoints needs its text-conditioned UNet to predict", where="LandmarkPredictor",
                                 fix="load it: backbone= / --backbone, or let the predictor load the recorded one")
-        return self._estimator(batch.backbone).predict(batch.crops, batch.noise_indices)
+        return self._estimator(batch.backbone).predict(batch.crops, batch.noise_indices, rois=batch.rois)
 
     def save(self, directory: Path) -> dict[str, Any]:
         from safetensors.numpy import save_file
@@ -778,7 +778,8 @@ class StableKeypointsPart(MethodPart):
         from pipeline.methods.stablekeypoints import StableKeypointsConfig
 
         known = {f.name for f in dataclasses.fields(StableKeypointsConfig)}
-        return StableKeypointsConfig(**{k: v for k, v in d.items() if k in known})
+        # Runs and bundles from before the RoI rule (no "roi" recorded) predicted on the whole crop.
+        return StableKeypointsConfig(**{"roi": False, **{k: v for k, v in d.items() if k in known}})
 
     @classmethod
     def load(cls, directory: Path, method: str, config: dict[str, Any], device: str) -> "StableKeypointsPart":

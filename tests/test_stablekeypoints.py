@@ -142,6 +142,24 @@ def test_selection_spreads_tokens_and_counts_over_images():
     assert most_frequent_tokens(np.array([[0, 4], [0, 4], [0, 1]]), loss, 2).tolist() == [0, 4]
 
 
+def test_selection_prefers_tokens_peaking_in_the_object_box_and_prediction_stays_in_it():
+    """The RoI rule: a token compact on the crop border is not chosen while enough peak inside the box."""
+    from pipeline.methods.stablekeypoints.estimator import cells_in_boxes, points_in_boxes
+
+    pts = np.array([[1, 1], [30, 30], [14, 16], [18, 12], [16, 20]], float)  # crop pixels of a 32 px crop
+    box = np.array([[8, 8, 24, 24]], float)
+    inside = points_in_boxes(pts[None], box)
+    assert inside.tolist() == [[False, False, True, True, True]]
+    loss = np.array([[0.01, 0.02, 0.3, 0.4, 0.5]])  # the border tokens are the best localised
+    assert set(tokens_per_image(loss, pts[None], k=2, top=3).ravel()) <= {0, 1, 2}
+    assert set(tokens_per_image(loss, pts[None], k=2, top=3, inside=inside).ravel()) <= {2, 3, 4}
+    # Fewer inside than k: the outside ones fill up, best first.
+    few = np.array([[False, False, True, False, False]])
+    assert tokens_per_image(loss, pts[None], k=2, top=2, inside=few)[0].tolist() == [2, 0]
+    mask = cells_in_boxes(np.array([[8, 8, 24, 24], [40, 40, 50, 50]], float), 8, 32)
+    assert mask[0].sum() == 16 and mask[0, 2:6, 2:6].all() and mask[1].all()  # no cell inside -> the whole map
+
+
 # ----------------------------------------------------------------- the estimator
 def test_fit_lowers_the_loss_resumes_exactly_and_predicts_crop_pixels(model):
     cu = from_context_ddpm(model)
@@ -187,6 +205,54 @@ def test_context_ddpm_training_step_round_trip_and_loader(tmp_path):
 
     with pytest.raises(BackboneError, match="not a feature backbone"):
         load_backbone(str(folder))
+
+
+def test_context_ddpm_grown_from_a_ddpm_computes_the_ddpms_convolutions_and_heads_are_real():
+    """ContextDDPM.from_ddpm: every shared tensor copied, new transformer blocks start as identity branches.
+
+    The DDPM's own self-attention (coarsest level) has no counterpart, so with that branch
+    switched off the two models must give the same noise prediction; with random (not
+    zeroed) output projections they would not. Heads: ``heads`` per block, not channels // heads.
+    """
+    from pipeline.backbones.ddpm import CategoryDDPM, unet_arch
+
+    torch.manual_seed(0)
+    ddpm = CategoryDDPM.create(image_size=SIZE, **unet_arch((16, 32)))
+    with torch.no_grad():  # switch the DDPM's self-attention branch off (its output projection -> 0)
+        for name, mod in ddpm.unet.named_modules():
+            if type(mod).__name__ == "Attention":
+                mod.to_out[0].weight.zero_()
+                mod.to_out[0].bias.zero_()
+    ctx, record = ContextDDPM.from_ddpm(ddpm, n_context=3, context_dim=16, heads=2, seed=1)
+    assert record["copied_tensors"] > 0 and record["new_tensors"] > 0 and record["channels"] == [16, 32]
+    src = ddpm.unet.state_dict()
+    assert all(torch.equal(v, src[k]) for k, v in ctx.unet.net.state_dict().items() if k.endswith("conv1.weight") and k in src)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 3, SIZE, SIZE, generator=g), torch.tensor([10, 500])
+    with torch.no_grad():
+        assert torch.allclose(ctx(x, t), ddpm.unet(x, t).sample, atol=1e-5)
+        blocks = [m for m in ctx.unet.net.modules() if type(m).__name__ == "Transformer2DModel"]
+        assert blocks and all(b.proj_out.weight.abs().sum() == 0 for b in blocks)
+        for b in blocks:
+            b.proj_out.weight.normal_()
+        assert not torch.allclose(ctx(x, t), ddpm.unet(x, t).sample, atol=1e-3)
+    heads = {m.heads for n, m in ctx.unet.net.named_modules() if n.endswith("attn2")}
+    assert heads == {2}
+
+
+def test_backbone_train_grows_a_context_ddpm_from_a_ddpm_folder(prefect_harness, tiny_home, tmp_path):
+    """`uld backbone train --kind context-ddpm --init-from DDPM`: the DDPM's widths, the transfer recorded, trained."""
+    from flows.backbone import train_backbone
+    from pipeline.backbones.ddpm import CategoryDDPM, unet_arch
+    home, _ = tiny_home
+    CategoryDDPM.create(image_size=SIZE, **unet_arch((16, 32))).save_pretrained(tmp_path / "face-ddpm")
+    summary = train_backbone(dataset="synthetic", home=home, steps=3, batch_size=2, image_size=SIZE, checkpoint_every=2,
+                             name="ctx-grown", kind="context-ddpm", context_tokens=3, init_from=str(tmp_path / "face-ddpm"))
+    init = summary["init_from"]
+    assert init["backbone"] == "face-ddpm" and init["kind"] == "ddpm -> context-ddpm" and init["transfer"]["copied_tensors"] > 0
+    model = ContextDDPM.from_pretrained(summary["dir"])
+    assert model.kind == "context-ddpm" and tuple(model.unet.net.config.block_out_channels) == (16, 32)
+    assert summary["steps"] == 3
 
 
 def test_context_ddpm_through_the_ddpm_trainer_resumes_bit_identically(tmp_path):

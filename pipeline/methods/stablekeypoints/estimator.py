@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from pipeline.errors import ConfigError
 from pipeline.methods.condgen.estimators import as_model_input, step_generator
-from pipeline.methods.condgen.geometry import random_affine, to_crop_pixels, warp_images
+from pipeline.methods.condgen.geometry import cell_centres, random_affine, to_crop_pixels, warp_images
 from pipeline.methods.landmarks import LandmarkSet
 from pipeline.methods.stablekeypoints.attention import aggregate_maps, capture_cross_attention, cross_attention_layers, run_unet
 from pipeline.methods.stablekeypoints.losses import argmax_points, equivariance_loss, localisation_loss, peak_normalised, unwarp_maps
@@ -60,6 +60,7 @@ class StableKeypointsConfig:
     top_per_image: int = 0  # best-localised tokens per image before FPS; 0 = 2 K
     select_images: int = 100  # images the selection counts over (method brief: ~100)
     augmentations: int = 4  # warps averaged at prediction (the first is the identity)
+    roi: bool = True  # select tokens by their peaks inside the object box, and predict inside it (as ZeroShot / D-ULD keep keypoints in the RoI)
     rotation_deg: float = 15.0
     log_scale: float = 0.1
     translation: float = 0.1
@@ -83,6 +84,22 @@ class StableKeypointsConfig:
         for ok, what, where in checks:
             if not ok:
                 raise ConfigError(what, where=where, fix="see `uld train --method stablekeypoints --help`")
+
+
+def points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """(n, m) bool: point ``[i, j]`` (crop pixels, ``x, y``) lies in box ``i`` (``x0, y0, x1, y1``)."""
+    b = np.asarray(boxes, dtype=np.float64)[:, None]
+    x, y = points[..., 0], points[..., 1]
+    return (x >= b[..., 0]) & (x <= b[..., 2]) & (y >= b[..., 1]) & (y <= b[..., 3])
+
+
+def cells_in_boxes(boxes: np.ndarray, cells: int, size: int) -> torch.Tensor:
+    """(n, cells, cells) float mask of the map cells whose centres lie in each box (crop pixels); all ones where none does."""
+    ys, xs = cell_centres(cells, cells)
+    centres = to_crop_pixels(torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2), size).numpy()
+    inside = points_in_boxes(np.broadcast_to(centres, (len(boxes), *centres.shape)), boxes)
+    inside[~inside.any(axis=1)] = True
+    return torch.from_numpy(inside.reshape(len(boxes), cells, cells).astype(np.float32))
 
 
 def _noise_for(seed: int, rows: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
@@ -219,20 +236,32 @@ class StableKeypoints:
                 points.append(torch.cat(pb, dim=1))
         return torch.cat(losses).numpy(), torch.cat(points).numpy()
 
-    def select(self, images: np.ndarray) -> np.ndarray:
-        """K tokens: best-localised per image + FPS, most frequent over ``select_images`` images (seeded sample)."""
+    def select(self, images: np.ndarray, rois: np.ndarray | None = None) -> np.ndarray:
+        """K tokens: best-localised per image + FPS, most frequent over ``select_images`` images (seeded sample).
+
+        ``rois`` (n, 4) object boxes in crop pixels (``x0, y0, x1, y1``), used when ``config.roi``:
+        per image, tokens peaking inside the box are preferred (:func:`.selection.tokens_per_image`).
+        """
         cfg = self.config
         n = len(images)
         rows = np.sort(np.random.default_rng(cfg.seed).permutation(n)[: min(cfg.select_images, n)])
         loss, points = self.token_scores(np.asarray(images)[rows], rows)
-        per_image = tokens_per_image(loss, points, cfg.k, cfg.top_per_image or 2 * cfg.k)
+        inside = None
+        if cfg.roi and rois is not None:
+            size = int(as_model_input(np.asarray(images)[:1]).shape[-1])
+            inside = points_in_boxes(to_crop_pixels(torch.from_numpy(points), size).numpy(), np.asarray(rois)[rows])
+        per_image = tokens_per_image(loss, points, cfg.k, cfg.top_per_image or 2 * cfg.k, inside)
         self.selected_ = most_frequent_tokens(per_image, loss, cfg.k)
         return self.selected_
 
     # ------------------------------------------------------------ 3. predict
     @torch.no_grad()
-    def predict_maps(self, images: np.ndarray | torch.Tensor, rows: np.ndarray | None = None) -> torch.Tensor:
-        """(n, K, R, R) maps of the selected tokens, averaged over the augmentations in the crop frame."""
+    def predict_maps(self, images: np.ndarray | torch.Tensor, rows: np.ndarray | None = None,
+                     progress: str | None = None) -> torch.Tensor:
+        """(n, K, R, R) maps of the selected tokens, averaged over the augmentations in the crop frame.
+
+        ``progress``: a bar with this label over the images (``augmentations`` UNet passes each).
+        """
         if self.selected_ is None:
             raise ConfigError("no tokens selected yet", where="StableKeypoints.predict", fix="call select(train_crops) after fit")
         x = as_model_input(images)
@@ -240,6 +269,7 @@ class StableKeypoints:
         cfg = self.config
         keep = torch.as_tensor(self.selected_, dtype=torch.long)
         out = []
+        bar = tqdm(total=len(x), desc=progress or "", unit="img", disable=progress is None, mininterval=2.0)
         with capture_cross_attention(self.model.unet, self._layers(int(x.shape[-1]))) as store:
             for b0 in range(0, len(x), cfg.batch_size):
                 xb = x[b0:b0 + cfg.batch_size]
@@ -252,12 +282,21 @@ class StableKeypoints:
                     back, valid = unwarp_maps(maps, theta.to(maps.device))
                     acc, weight = acc + back * valid, weight + valid
                 out.append((acc / weight.clamp_min(1e-6)).cpu())
+                bar.update(len(xb))
+        bar.close()
         return torch.cat(out)
 
-    def predict(self, images: np.ndarray | torch.Tensor, rows: np.ndarray | None = None) -> LandmarkSet:
-        """K landmarks per crop in crop pixels: the argmax of each selected token's averaged map."""
-        maps = self.predict_maps(images, rows)
+    def predict(self, images: np.ndarray | torch.Tensor, rows: np.ndarray | None = None,
+                progress: str | None = None, rois: np.ndarray | None = None) -> LandmarkSet:
+        """K landmarks per crop in crop pixels: the argmax of each selected token's averaged map.
+
+        With ``config.roi`` and ``rois`` (n, 4 crop pixels) the argmax is taken over the map
+        cells whose centres lie in the object box (the whole map where none does).
+        """
+        maps = self.predict_maps(images, rows, progress)
         size = int(as_model_input(images[:1]).shape[-1])
+        if self.config.roi and rois is not None:
+            maps = maps * cells_in_boxes(np.asarray(rois), maps.shape[-1], size)[:, None]
         pts = to_crop_pixels(argmax_points(maps), size).numpy()
         scores = maps.flatten(2).amax(dim=-1).numpy()
         return LandmarkSet(pts, np.ones(pts.shape[:2], bool), scores)

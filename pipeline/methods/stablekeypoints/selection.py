@@ -30,14 +30,21 @@ def furthest_point_sampling(points: np.ndarray, k: int, first: int = 0) -> np.nd
     return np.asarray(chosen, dtype=np.int64)
 
 
-def tokens_per_image(loss: np.ndarray, points: np.ndarray, k: int, top: int) -> np.ndarray:
-    """(n_images, K) token ids: for each image the ``top`` lowest-loss tokens, then FPS to ``k`` (best token first)."""
+def tokens_per_image(loss: np.ndarray, points: np.ndarray, k: int, top: int, inside: np.ndarray | None = None) -> np.ndarray:
+    """(n_images, K) token ids: for each image the ``top`` lowest-loss tokens, then FPS to ``k`` (best token first).
+
+    ``inside`` (n_images, N) bool: whether the token's peak lies in the image's object box.
+    Tokens peaking outside are candidates only after every inside one (so an image still gets
+    ``k``): a map that is compact on the crop's border or the background is well localised
+    but marks no part of the object.
+    """
     loss, points = np.asarray(loss), np.asarray(points)
     n_img, n_tok = loss.shape
     top = min(max(top, k), n_tok)
     out = np.empty((n_img, k), dtype=np.int64)
     for i in range(n_img):
-        best = np.argsort(loss[i], kind="stable")[:top]
+        outside = np.zeros(n_tok, bool) if inside is None else ~np.asarray(inside[i], bool)
+        best = np.lexsort((loss[i], outside))[:top]  # inside first, then by loss
         out[i] = best[furthest_point_sampling(points[i, best], k, first=0)]
     return out
 
