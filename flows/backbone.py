@@ -63,14 +63,19 @@ def load_training_crops(home: Path, dataset: str, image_size: int, margin: float
 
 
 def load_init_model(spec: str, home: Path, image_size: int, channels: tuple[int, ...] | None):
-    """The DDPM a warm-started run continues (fp32), checked against the run's settings."""
+    """The DDPM or context-DDPM a warm-started run continues (fp32), checked against the run's settings."""
+    from pipeline.backbones.context_ddpm import ContextDDPM, is_context_ddpm
     from pipeline.backbones.ddpm import CategoryDDPM
-    from pipeline.backbones.loading import load_backbone
+    from pipeline.backbones.loading import load_backbone, resolve_spec
 
-    model = load_backbone(spec, home=home)
-    if not isinstance(model, CategoryDDPM):
+    _, source = resolve_spec(spec, home)
+    if isinstance(source, Path) and is_context_ddpm(source):
+        model = ContextDDPM.from_pretrained(source)
+    else:
+        model = load_backbone(spec, home=home)
+    if not isinstance(model, (CategoryDDPM, ContextDDPM)):
         raise ConfigError(
-            f"--init-from {spec!r} is a {model.kind!r} backbone; only a DDPM can be trained further",
+            f"--init-from {spec!r} is a {model.kind!r} backbone; only a DDPM or a context-DDPM can be trained further",
             where="--init-from",
             fix="pass a folder written by `uld backbone train` (or `shipped`)",
         )
@@ -80,7 +85,7 @@ def load_init_model(spec: str, home: Path, image_size: int, channels: tuple[int,
             where="--size",
             fix=f"use --size {model.image_size}",
         )
-    have = tuple(int(c) for c in model.unet.config.block_out_channels)
+    have = tuple(int(c) for c in (model.unet.net if isinstance(model, ContextDDPM) else model.unet).config.block_out_channels)
     if channels is not None and tuple(channels) != have:
         raise ConfigError(
             f"--channels {','.join(map(str, channels))} differs from the initial model's {','.join(map(str, have))}",
@@ -156,7 +161,10 @@ def train_backbone(
         model = load_init_model(init_from, Path(home), image_size, channels).to(device)
         source_meta = model.meta
         transfer = None
-        if kind == "context-ddpm":
+        if model.kind == "context-ddpm" and kind != "context-ddpm":
+            raise ConfigError(f"--init-from {init_from!r} is a context-DDPM; it continues only as one", where="--kind",
+                              fix="add --kind context-ddpm")
+        if kind == "context-ddpm" and model.kind == "ddpm":
             # A context-DDPM grown from the DDPM's convolutions (ContextDDPM.from_ddpm): the
             # cross-attention is new, the features already know the category.
             from pipeline.backbones.context_ddpm import ContextDDPM

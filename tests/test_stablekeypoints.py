@@ -244,6 +244,8 @@ def test_backbone_train_grows_a_context_ddpm_from_a_ddpm_folder(prefect_harness,
     """`uld backbone train --kind context-ddpm --init-from DDPM`: the DDPM's widths, the transfer recorded, trained."""
     from flows.backbone import train_backbone
     from pipeline.backbones.ddpm import CategoryDDPM, unet_arch
+    from pipeline.errors import ConfigError
+
     home, _ = tiny_home
     CategoryDDPM.create(image_size=SIZE, **unet_arch((16, 32))).save_pretrained(tmp_path / "face-ddpm")
     summary = train_backbone(dataset="synthetic", home=home, steps=3, batch_size=2, image_size=SIZE, checkpoint_every=2,
@@ -253,6 +255,12 @@ def test_backbone_train_grows_a_context_ddpm_from_a_ddpm_folder(prefect_harness,
     model = ContextDDPM.from_pretrained(summary["dir"])
     assert model.kind == "context-ddpm" and tuple(model.unet.net.config.block_out_channels) == (16, 32)
     assert summary["steps"] == 3
+    # An exported context-DDPM continues as one (its checkpoints gone), and only as one.
+    more = train_backbone(dataset="synthetic", home=home, steps=2, batch_size=2, image_size=SIZE, name="ctx-more",
+                          kind="context-ddpm", init_from=summary["dir"])
+    assert more["init_from"]["backbone"] == "ctx-grown" and "transfer" not in more["init_from"] and more["steps"] == 2
+    with pytest.raises(ConfigError, match="continues only as one"):
+        train_backbone(dataset="synthetic", home=home, steps=2, batch_size=2, image_size=SIZE, name="ctx-bad", init_from=summary["dir"])
 
 
 def test_context_ddpm_through_the_ddpm_trainer_resumes_bit_identically(tmp_path):
