@@ -186,7 +186,6 @@ def test_fit_lowers_the_loss_resumes_exactly_and_predicts_crop_pixels(model):
 def test_context_ddpm_training_step_round_trip_and_loader(tmp_path):
     from pipeline.errors import BackboneError
     from pipeline.methods.stablekeypoints import load_conditioned_unet
-    from tests.tiny_runs import make_backbone
 
     m = tiny_context_ddpm(seed=3)
     context0 = m.unet.context.detach().clone()
@@ -200,7 +199,7 @@ def test_context_ddpm_training_step_round_trip_and_loader(tmp_path):
     again = ContextDDPM.from_pretrained(folder)
     torch.testing.assert_close(again(x, t), m(x, t))
     with pytest.raises(BackboneError, match="without cross-attention"):
-        load_conditioned_unet(make_backbone(tmp_path / "plain-ddpm"))
+        load_conditioned_unet("pixels")  # a plain DDPM is grown instead (see the tests below)
     from pipeline.backbones.loading import load_backbone
 
     with pytest.raises(BackboneError, match="not a feature backbone"):
@@ -238,6 +237,21 @@ def test_context_ddpm_grown_from_a_ddpm_computes_the_ddpms_convolutions_and_head
         assert not torch.allclose(ctx(x, t), ddpm.unet(x, t).sample, atol=1e-3)
     heads = {m.heads for n, m in ctx.unet.net.named_modules() if n.endswith("attn2")}
     assert heads == {2}
+
+
+def test_a_plain_ddpm_folder_is_grown_into_a_conditioned_unet_the_same_way_every_time(tmp_path):
+    """`--backbone DDPM`: StableKeypoints reads cross-attention grown on the DDPM (deterministic identity)."""
+    from pipeline.backbones.ddpm import CategoryDDPM, unet_arch
+    from pipeline.methods.stablekeypoints import load_conditioned_unet
+
+    torch.manual_seed(0)
+    CategoryDDPM.create(image_size=SIZE, **unet_arch((16, 32))).save_pretrained(tmp_path / "ddpm")
+    a, b = load_conditioned_unet(str(tmp_path / "ddpm")), load_conditioned_unet(str(tmp_path / "ddpm"))
+    assert a.kind == "context-ddpm" and a.identity == b.identity and a.identity["grown_from"]["kind"] == "ddpm"
+    est = StableKeypoints(a, StableKeypointsConfig(steps=6, **TINY)).fit(crops(6))
+    first, last = est.history_[0]["localisation"], est.history_[-1]["localisation"]
+    assert last < first  # the tokens localise against the grown cross-attention
+    assert est.select(crops(6)).shape == (TINY["k"],)
 
 
 def test_backbone_train_grows_a_context_ddpm_from_a_ddpm_folder(prefect_harness, tiny_home, tmp_path):
@@ -362,9 +376,9 @@ def test_uld_train_method_stablekeypoints(prefect_harness, tiny_home):
     assert "nme_forward" in res.output and (home / "runs" / "cli-sk" / "metrics.parquet").is_file()
     cfg = json.loads((home / "runs" / "cli-sk" / "config.json").read_text())
     assert cfg["stablekeypoints"]["n_tokens"] == 8 and cfg["stablekeypoints"]["steps"] == 2
-    # The default DDPM has no cross-attention: a user error (which the CLI prints without a traceback), before any run folder.
+    # The pixel backbone has no UNet at all: a user error (which the CLI prints without a traceback), before any run folder.
     from pipeline.errors import BackboneError
 
-    bad = invoke_cli(home, cli_train.register, "train", "--method", "stablekeypoints", "--backbone", "shipped", *common, "--run-id", "cli-sk2")
+    bad = invoke_cli(home, cli_train.register, "train", "--method", "stablekeypoints", "--backbone", "pixels", *common, "--run-id", "cli-sk2")
     assert isinstance(bad.exception, BackboneError) and "cross-attention" in str(bad.exception) and bad.exception.fix
     assert not (home / "runs" / "cli-sk2").exists()
