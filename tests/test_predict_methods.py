@@ -230,14 +230,14 @@ def test_backbone_rules_per_method(runs, tmp_path):
     assert p.backbone is None and not p.needs_backbone
     with pytest.raises(ConfigError, match="needs no backbone"):
         LandmarkPredictor.from_pretrained(runs.home / "runs" / C3, backbone=runs.backbone)
-    # StableKeypoints refuses another UNet (identity) and a feature DDPM (no cross-attention)
+    # StableKeypoints refuses another UNet (identity), also a feature DDPM (grown into another UNet)
     from pipeline.backbones.context_ddpm import ContextDDPM
 
     other = tmp_path / "other-ctx"
     ContextDDPM.create(image_size=SIZE, channels=(16, 32), n_context=4, context_dim=16, heads=2, seed=1).save_pretrained(other)
     with pytest.raises(BackboneError, match="identity differs in weights"):
         LandmarkPredictor.from_pretrained(runs.home / "runs" / SK, backbone=str(other))
-    with pytest.raises(BackboneError, match="cannot be loaded"):
+    with pytest.raises(BackboneError, match="identity differs in grown_from, weights"):
         LandmarkPredictor.from_pretrained(runs.home / "runs" / SK, backbone=make_backbone(tmp_path / "ddpm"))
     # a D-ULD++ bundle missing its VAE is a user error naming the fix
     folder = LandmarkPredictor.from_pretrained(runs.home / "runs" / DULDPP, load_backbone=False).save_pretrained(tmp_path / "pp")
