@@ -1,8 +1,10 @@
 """``uld train --method stablekeypoints``: landmarks from tokens optimised against a UNet's cross-attention (seed 002).
 
 Reads crops straight from the manifests (no feature store). ``--backbone``
-must be a text-conditioned UNet: a Stable Diffusion folder, or a context-DDPM
-folder (:mod:`pipeline.backbones.context_ddpm`). Options of ``uld train`` it
+is the UNet whose cross-attention the tokens are optimised against: a Stable
+Diffusion folder, a context-DDPM folder (:mod:`pipeline.backbones.context_ddpm`),
+or a plain DDPM folder (``shipped``, the face DDPM ...), which gets cross-attention
+grown on it (:func:`pipeline.methods.stablekeypoints.model.grown_from_ddpm`). Options of ``uld train`` it
 reads: ``--dataset``, ``--backbone``, ``-k``, ``--steps``,
 ``--batch-size``, ``--size``, ``--crop-margin``, ``--run-id`` / ``--resume``,
 ``--threads``, ``--progress``, ``--roi/--no-roi`` (select and predict

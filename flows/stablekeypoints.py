@@ -4,7 +4,7 @@
 
     stablekeypoints (flow)
       load-crops      train + test crops from the manifests (flows.condgen's task: the features flow's crop rule)
-      load-unet       the frozen text-conditioned UNet (Stable Diffusion folder or a context-DDPM folder)
+      load-unet       the frozen text-conditioned UNet (Stable Diffusion, a context-DDPM, or a DDPM grown into one)
       train           optimise the N tokens, checkpoints every ``checkpoint_every`` steps (resumable)
       select          K of the N tokens on the train crops -> selection.json
       predict         K landmarks on both splits -> keypoints.parquet
@@ -170,8 +170,9 @@ def stablekeypoints(
 ) -> pd.DataFrame:
     """Optimise StableKeypoints tokens against ``config.backbone`` on ``dataset``'s crops, predict both splits, evaluate.
 
-    ``config.backbone``: a Stable Diffusion folder or a context-DDPM folder
-    (:mod:`pipeline.backbones.context_ddpm`). ``stop_after``: stop training at
+    ``config.backbone``: a Stable Diffusion folder, a context-DDPM folder
+    (:mod:`pipeline.backbones.context_ddpm`) or a DDPM folder (cross-attention grown on it,
+    :func:`pipeline.methods.stablekeypoints.model.grown_from_ddpm`). ``stop_after``: stop training at
     that step without predicting (an interrupted run; ``resume=True``
     continues it). Returns the metric rows (``attrs["run_id"]``); empty when stopped early.
     """
@@ -185,7 +186,7 @@ def stablekeypoints(
         raise ConfigError(f"checkpoint_every must be >= 0, got {checkpoint_every}", where="--param checkpoint_every")
     if not config.backbone:
         raise ConfigError("StableKeypoints needs a text-conditioned UNet", where="--backbone",
-                          fix="pass a Stable Diffusion folder or a context-DDPM folder")
+                          fix="pass a Stable Diffusion, context-DDPM or DDPM folder (e.g. --backbone shipped)")
     config.validate()
     t_start = time.perf_counter()
     unet = load_unet_task(config.backbone, home, resolve_device(device))
