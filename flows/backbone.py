@@ -64,14 +64,12 @@ def load_training_crops(home: Path, dataset: str, image_size: int, margin: float
 
 def load_init_model(spec: str, home: Path, image_size: int, channels: tuple[int, ...] | None):
     """The DDPM or context-DDPM a warm-started run continues (fp32), checked against the run's settings."""
-    from pipeline.backbones.context_ddpm import ContextDDPM, is_context_ddpm
+    from pipeline.backbones.context_ddpm import ContextDDPM, load_context_ddpm
     from pipeline.backbones.ddpm import CategoryDDPM
-    from pipeline.backbones.loading import load_backbone, resolve_spec
+    from pipeline.backbones.loading import load_backbone
 
-    _, source = resolve_spec(spec, home)
-    if isinstance(source, Path) and is_context_ddpm(source):
-        model = ContextDDPM.from_pretrained(source)
-    else:
+    model = load_context_ddpm(spec, home)
+    if model is None:
         model = load_backbone(spec, home=home)
     if not isinstance(model, (CategoryDDPM, ContextDDPM)):
         raise ConfigError(
@@ -169,7 +167,6 @@ def train_backbone(
             # cross-attention is new, the features already know the category.
             from pipeline.backbones.context_ddpm import ContextDDPM
 
-            torch.manual_seed(seed)
             model, transfer = ContextDDPM.from_ddpm(model, n_context=context_tokens, seed=seed, name=name)
             model = model.to(device)
         else:

@@ -37,7 +37,7 @@ def stablekeypoints_request(req: TrainRequest) -> dict[str, Any]:
     steps = o.get("steps")
     config = StableKeypointsConfig(k=o["k"], steps=StableKeypointsConfig.steps if steps is None else int(steps),
                                    batch_size=o["batch_size"], backbone=o["backbone"], seed=s.seed,
-                                   roi=bool(o.get("roi", True)), **extra)
+                                   roi=bool(o["roi"]), **extra)
     return dict(dataset=o["dataset"], config=config, home=s.home, size=o["size"], crop_margin=o["crop_margin"], run_id=o["run_id"],
                 resume=o["resume"], checkpoint_every=req.param("checkpoint_every", int, 50), progress=o["progress"],
                 threads=o["threads"], device=s.device)

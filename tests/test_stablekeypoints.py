@@ -144,11 +144,11 @@ def test_selection_spreads_tokens_and_counts_over_images():
 
 def test_selection_prefers_tokens_peaking_in_the_object_box_and_prediction_stays_in_it():
     """The RoI rule: a token compact on the crop border is not chosen while enough peak inside the box."""
-    from pipeline.methods.stablekeypoints.estimator import cells_in_boxes, points_in_boxes
+    from pipeline.methods.landmarks import points_in_rois, roi_cell_mask
 
     pts = np.array([[1, 1], [30, 30], [14, 16], [18, 12], [16, 20]], float)  # crop pixels of a 32 px crop
     box = np.array([[8, 8, 24, 24]], float)
-    inside = points_in_boxes(pts[None], box)
+    inside = points_in_rois(pts[None], box)
     assert inside.tolist() == [[False, False, True, True, True]]
     loss = np.array([[0.01, 0.02, 0.3, 0.4, 0.5]])  # the border tokens are the best localised
     assert set(tokens_per_image(loss, pts[None], k=2, top=3).ravel()) <= {0, 1, 2}
@@ -156,7 +156,7 @@ def test_selection_prefers_tokens_peaking_in_the_object_box_and_prediction_stays
     # Fewer inside than k: the outside ones fill up, best first.
     few = np.array([[False, False, True, False, False]])
     assert tokens_per_image(loss, pts[None], k=2, top=2, inside=few)[0].tolist() == [2, 0]
-    mask = cells_in_boxes(np.array([[8, 8, 24, 24], [40, 40, 50, 50]], float), 8, 32)
+    mask = roi_cell_mask(np.array([[8, 8, 24, 24], [40, 40, 50, 50]], float), 2, 8, 32)
     assert mask[0].sum() == 16 and mask[0, 2:6, 2:6].all() and mask[1].all()  # no cell inside -> the whole map
 
 

@@ -142,9 +142,11 @@ class ContextDDPM:
         target = net.state_dict()
         copied = {k: source[k] for k, v in target.items() if k in source and source[k].shape == v.shape}
         net.load_state_dict(copied, strict=False)
+        from diffusers import Transformer2DModel
+
         with torch.no_grad():
             for block in net.modules():
-                if type(block).__name__ == "Transformer2DModel":
+                if isinstance(block, Transformer2DModel):
                     block.proj_out.weight.zero_()
                     if block.proj_out.bias is not None:
                         block.proj_out.bias.zero_()
@@ -221,6 +223,21 @@ class ContextDDPM:
 def is_context_ddpm(path: str | Path) -> bool:
     meta = Path(path) / META_FILE
     return meta.is_file() and json.loads(meta.read_text()).get("kind") == KIND
+
+
+def load_context_ddpm(spec: str, home: str | Path | None = None, device: str | torch.device = "cpu") -> ContextDDPM | None:
+    """The context-DDPM a backbone spec (a folder or a workspace backbone name) names, or None if it names another kind.
+
+    A context-DDPM folder has the DDPM layout (``unet/`` + ``scheduler/``), so
+    :func:`pipeline.backbones.loading.resolve_spec` reads it as ``ddpm``; callers
+    that accept both ask here first.
+    """
+    from pipeline.backbones.loading import resolve_spec
+
+    _, source = resolve_spec(spec, home)
+    if isinstance(source, Path) and is_context_ddpm(source):
+        return ContextDDPM.from_pretrained(source, device=device)
+    return None
 
 
 def context_ddpm_loss(model: ContextDDPM, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

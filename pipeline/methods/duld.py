@@ -65,7 +65,7 @@ from pipeline.heads.model import ULDHeads, ULDHeadsConfig
 from pipeline.labelling.base import KeypointSet, PseudoLabels, exemplar_labels
 from pipeline.labelling.kmeans import KMeansLabeller
 from pipeline.methods.exemplar import exemplar_assign
-from pipeline.methods.landmarks import LandmarkSet
+from pipeline.methods.landmarks import LandmarkSet, roi_cell_mask
 
 # {"index": LongTensor (B,), "features": {key: float32 (B, C, h, w)}}, and with a view store also
 # "view_features" (same keys: one augmented view per crop), "view_affine" (B, 2, 3) normalised
@@ -304,23 +304,6 @@ def train_self_round(
 
 def _cells_to_crop(xy_cells: torch.Tensor, R: int, S: int) -> torch.Tensor:
     return (xy_cells + 0.5) * (S / R)
-
-
-def roi_cell_mask(rois: np.ndarray | torch.Tensor | None, batch: int, R: int, S: int) -> torch.Tensor | None:
-    """(B, R, R) bool: cells whose centre lies inside each image's RoI (x0, y0, x1, y1) in crop px.
-
-    ``None`` -> no restriction. An RoI containing no cell centre keeps the whole map.
-    """
-    if rois is None:
-        return None
-    r = torch.as_tensor(np.asarray(rois, np.float32)).reshape(batch, 4)
-    c = (torch.arange(R, dtype=torch.float32) + 0.5) * (S / R)
-    inx = (c[None, :] >= r[:, 0:1]) & (c[None, :] <= r[:, 2:3])  # (B, R) columns
-    iny = (c[None, :] >= r[:, 1:2]) & (c[None, :] <= r[:, 3:4])  # (B, R) rows
-    mask = iny[:, :, None] & inx[:, None, :]
-    empty = ~mask.flatten(1).any(1)
-    mask[empty] = True
-    return mask
 
 
 @torch.no_grad()

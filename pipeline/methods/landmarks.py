@@ -12,10 +12,14 @@ both as given and as missing, so a fallback never passes for a detection.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -88,3 +92,30 @@ class LandmarkSet:
     def normalised(self, crop_size: int) -> np.ndarray:
         """Coordinates divided by the crop side: [0, 1] crop units (what the evaluator regresses on)."""
         return self.coords / float(crop_size)
+
+
+# ------------------------------------------------------------------ the RoI rule (methods keep landmarks in the object box)
+def points_in_rois(points: np.ndarray, rois: np.ndarray) -> np.ndarray:
+    """(n, m) bool: point ``[i, j]`` (crop px, ``x, y``) lies in image ``i``'s RoI (``x0, y0, x1, y1``, crop px)."""
+    b = np.asarray(rois, dtype=np.float64)[:, None]
+    x, y = points[..., 0], points[..., 1]
+    return (x >= b[..., 0]) & (x <= b[..., 2]) & (y >= b[..., 1]) & (y <= b[..., 3])
+
+
+def roi_cell_mask(rois: np.ndarray | torch.Tensor | None, batch: int, R: int, S: int) -> torch.Tensor | None:
+    """(B, R, R) bool: cells whose centre lies inside each image's RoI (x0, y0, x1, y1) in crop px.
+
+    ``None`` -> no restriction. An RoI containing no cell centre keeps the whole map.
+    """
+    import torch
+
+    if rois is None:
+        return None
+    r = torch.as_tensor(np.asarray(rois, np.float32)).reshape(batch, 4)
+    c = (torch.arange(R, dtype=torch.float32) + 0.5) * (S / R)
+    inx = (c[None, :] >= r[:, 0:1]) & (c[None, :] <= r[:, 2:3])  # (B, R) columns
+    iny = (c[None, :] >= r[:, 1:2]) & (c[None, :] <= r[:, 3:4])  # (B, R) rows
+    mask = iny[:, :, None] & inx[:, None, :]
+    empty = ~mask.flatten(1).any(1)
+    mask[empty] = True
+    return mask

@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 
 from pipeline.errors import ConfigError
 from pipeline.methods.condgen.estimators import as_model_input, step_generator
-from pipeline.methods.condgen.geometry import cell_centres, random_affine, to_crop_pixels, warp_images
-from pipeline.methods.landmarks import LandmarkSet
+from pipeline.methods.condgen.geometry import random_affine, to_crop_pixels, warp_images
+from pipeline.methods.landmarks import LandmarkSet, points_in_rois, roi_cell_mask
 from pipeline.methods.stablekeypoints.attention import aggregate_maps, capture_cross_attention, cross_attention_layers, run_unet
 from pipeline.methods.stablekeypoints.losses import argmax_points, equivariance_loss, localisation_loss, peak_normalised, unwarp_maps
 from pipeline.methods.stablekeypoints.model import ConditionedUNet
@@ -84,22 +84,6 @@ class StableKeypointsConfig:
         for ok, what, where in checks:
             if not ok:
                 raise ConfigError(what, where=where, fix="see `uld train --method stablekeypoints --help`")
-
-
-def points_in_boxes(points: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """(n, m) bool: point ``[i, j]`` (crop pixels, ``x, y``) lies in box ``i`` (``x0, y0, x1, y1``)."""
-    b = np.asarray(boxes, dtype=np.float64)[:, None]
-    x, y = points[..., 0], points[..., 1]
-    return (x >= b[..., 0]) & (x <= b[..., 2]) & (y >= b[..., 1]) & (y <= b[..., 3])
-
-
-def cells_in_boxes(boxes: np.ndarray, cells: int, size: int) -> torch.Tensor:
-    """(n, cells, cells) float mask of the map cells whose centres lie in each box (crop pixels); all ones where none does."""
-    ys, xs = cell_centres(cells, cells)
-    centres = to_crop_pixels(torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2), size).numpy()
-    inside = points_in_boxes(np.broadcast_to(centres, (len(boxes), *centres.shape)), boxes)
-    inside[~inside.any(axis=1)] = True
-    return torch.from_numpy(inside.reshape(len(boxes), cells, cells).astype(np.float32))
 
 
 def _noise_for(seed: int, rows: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
@@ -249,7 +233,7 @@ class StableKeypoints:
         inside = None
         if cfg.roi and rois is not None:
             size = int(as_model_input(np.asarray(images)[:1]).shape[-1])
-            inside = points_in_boxes(to_crop_pixels(torch.from_numpy(points), size).numpy(), np.asarray(rois)[rows])
+            inside = points_in_rois(to_crop_pixels(torch.from_numpy(points), size).numpy(), np.asarray(rois)[rows])
         per_image = tokens_per_image(loss, points, cfg.k, cfg.top_per_image or 2 * cfg.k, inside)
         self.selected_ = most_frequent_tokens(per_image, loss, cfg.k)
         return self.selected_
@@ -296,7 +280,7 @@ class StableKeypoints:
         maps = self.predict_maps(images, rows, progress)
         size = int(as_model_input(images[:1]).shape[-1])
         if self.config.roi and rois is not None:
-            maps = maps * cells_in_boxes(np.asarray(rois), maps.shape[-1], size)[:, None]
+            maps = maps * roi_cell_mask(rois, len(maps), maps.shape[-1], size)[:, None].to(maps.dtype)
         pts = to_crop_pixels(argmax_points(maps), size).numpy()
         scores = maps.flatten(2).amax(dim=-1).numpy()
         return LandmarkSet(pts, np.ones(pts.shape[:2], bool), scores)

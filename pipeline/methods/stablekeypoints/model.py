@@ -66,12 +66,13 @@ def from_context_ddpm(model: Any) -> ConditionedUNet:
 
 def load_conditioned_unet(spec: str, device: str = "cpu", home: str | Path | None = None) -> ConditionedUNet:
     """A context-DDPM folder, a DDPM (grown into one, :func:`grown_from_ddpm`), or Stable Diffusion; else :class:`BackboneError`."""
-    from pipeline.backbones.context_ddpm import ContextDDPM, is_context_ddpm
+    from pipeline.backbones.context_ddpm import load_context_ddpm
     from pipeline.backbones.loading import load_backbone, resolve_spec
 
-    kind, source = resolve_spec(spec, home)  # a context-DDPM folder reads as "ddpm" there (unet/ + scheduler/)
-    if isinstance(source, Path) and is_context_ddpm(source):
-        return from_context_ddpm(ContextDDPM.from_pretrained(source, device=device))
+    context_ddpm = load_context_ddpm(spec, home, device)
+    if context_ddpm is not None:
+        return from_context_ddpm(context_ddpm)
+    kind, _ = resolve_spec(spec, home)
     if kind == "ddpm":
         return grown_from_ddpm(load_backbone(spec, device=device, home=home))
     if kind != "stable-diffusion":
